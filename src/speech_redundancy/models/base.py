@@ -1,0 +1,50 @@
+"""What the runner asks of a model adapter.
+
+A compression point applies one operator to the audio span of the hidden states entering layer ``layer``
+(l = 0: the first layer's input). An adapter turns a batch of :class:`Request` into :class:`Output`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from speech_redundancy.data.records import Utterance
+
+
+@dataclass
+class Point:
+    """One compression point: operator ``operator`` with ``params`` (threshold, window, budget, ratio, features...)
+    applied to the input of layer ``layer``."""
+
+    layer: int
+    operator: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    utt: Utterance
+    audio: np.ndarray  # 16 kHz mono float32
+    seed: int = 0  # per-utterance seed, derived from the run seed and the utterance id
+    prompt: str | None = None  # task prompt (LSLMs); None = the model's default for the task
+
+
+@dataclass
+class Output:
+    text: str  # decoded hypothesis, special tokens removed
+    tokens_in: int  # audio tokens before any compression (Whisper: the utterance's frames)
+    tokens_out: int  # audio tokens after the last compression point (final retention = tokens_out / tokens_in)
+    tokens_per_point: list[int] = field(default_factory=list)  # audio tokens after each point, in order
+    groups: list[list[int]] | None = None  # per point: output index per input token (for group plots)
+    stats: dict[str, Any] = field(default_factory=dict)  # seconds, flops, ttft, memory, kv bytes, ...
+
+
+class SpeechModel(Protocol):
+    name: str
+    token_rate: float  # audio tokens per second where compression applies
+    n_layers: int  # valid compression layers: 0..n_layers
+
+    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]: ...
