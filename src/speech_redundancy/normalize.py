@@ -1,0 +1,201 @@
+"""Text normalisation before scoring, following the Qwen2-Audio evaluation protocol.
+
+Peers (Qwen2-Audio's ``eval_audio/evaluate_asr.py``, reused unchanged by Kimi-Audio-Evalkit and lmms-eval)
+score ASR like this, and so do we:
+
+- every language: special tokens ``<|...|>`` become spaces, whitespace collapses, a space before
+  ``!,.?;:`` is dropped;
+- English (``en``): Whisper's ``EnglishTextNormalizer`` (contractions, titles, numbers spelt out as digits,
+  British -> American spelling, symbols removed), then Whisper's ``BasicTextNormalizer`` (their if/else applies
+  the basic normaliser to every language that is not ``zh``), then words;
+- Mandarin (``zh``): a Chinese text normaliser (numbers, dates, percentages and fractions read out in Chinese
+  characters; punctuation removed; Latin letters lower-cased), all whitespace removed, then characters, so the
+  score is a character error rate. The protocol does not convert traditional to simplified characters for ``zh``
+  (only for Cantonese, ``yue``); ``simplify=True`` adds it.
+- Cantonese (``yue``): traditional -> simplified (zhconv), then as Mandarin.
+- other languages: the basic normaliser, then words.
+
+Differences from the peers' exact code, all small:
+- Their Chinese normaliser is SpeechIO's ``cn_tn.py``; we read numbers out with ``cn2an`` (PyPI) instead. Both
+  read cardinals, decimals, percentages, fractions and years the same way; ``cn_tn`` reads phone numbers digit
+  by digit where cn2an reads them as one cardinal.
+- Whisper's English normaliser needs its British -> American spelling list (1,739 pairs). transformers ships the
+  normaliser class but not the list: it comes with a Whisper tokenizer's ``normalizer.json``, which needs the
+  model hub. :func:`english_spelling_mapping` finds the list offline (see there). Without it, British spellings
+  ("colour") are not mapped, so they count as errors against American references; :func:`normalizer_id` then
+  says ``nospelling`` so a run's results show it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import unicodedata
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+CHAR_LANGUAGES = frozenset({"zh", "yue", "ja"})  # scored on characters, not words
+CJK_LANGUAGES = CHAR_LANGUAGES
+_SPECIAL = re.compile(r"<\|.*?\|>")
+_PUNCS = "!,.?;:"  # Qwen2-Audio evaluate_asr.py: PUNCS
+
+# Where the Whisper English spelling list is looked for, in order (after an explicit path and $SR_ENGLISH_SPELLING):
+# - PyPI whisper-normalizer==0.1.15 (the package Qwen2-Audio's evaluation imports): whisper_normalizer/normalizers/english.json
+# - PyPI openai-whisper: whisper/normalizers/english.json
+# Both hold the same file (MIT, OpenAI; md5 33bb184e238f06bb228a05f6dd41c47c).
+_SPELLING_PACKAGES = (("whisper_normalizer", "normalizers/english.json"), ("whisper", "normalizers/english.json"))
+
+
+def strip_special_tokens(text: str, language: str = "en") -> str:
+    """Qwen2-Audio's ``remove_sp``: special tokens out, whitespace collapsed, no space before ``!,.?;:``."""
+    out = _SPECIAL.sub(" ", text)
+    out = re.sub(r"\s+", " ", out)
+    out = re.sub(f" ?([{re.escape(_PUNCS)}])", r"\1", out)
+    out = out.strip()
+    if language in CHAR_LANGUAGES:
+        out = re.sub(r"\s+", "", out)
+    return out
+
+
+def _package_file(package: str, relative: str) -> Path | None:
+    """A data file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_english_spelling_file(path: str | Path | None = None) -> Path | None:
+    """Where the Whisper English spelling list is: ``path``, ``$SR_ENGLISH_SPELLING``, then installed packages."""
+    explicit = path or os.environ.get("SR_ENGLISH_SPELLING")
+    if explicit:
+        p = Path(explicit)
+        if p.is_dir():  # a Whisper tokenizer folder
+            p = p / "normalizer.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"English spelling list not found: {p}")
+        return p
+    for package, relative in _SPELLING_PACKAGES:
+        found = _package_file(package, relative)
+        if found is not None:
+            return found
+    return None
+
+
+@lru_cache(maxsize=4)
+def english_spelling_mapping(path: str | None = None) -> dict[str, str]:
+    """Whisper's British -> American spelling list, or ``{}`` (with a warning) when none is installed."""
+    found = find_english_spelling_file(path)
+    if found is None:
+        warnings.warn(
+            "Whisper English spelling list not found (pip install whisper-normalizer==0.1.15, or set "
+            "SR_ENGLISH_SPELLING); British spellings will not be mapped",
+            stacklevel=2,
+        )
+        return {}
+    mapping = json.loads(found.read_text(encoding="utf-8"))
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError(f"{found}: expected a JSON object of word -> word")
+    return mapping
+
+
+@lru_cache(maxsize=4)
+def _english(path: str | None = None):
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(english_spelling_mapping(path))
+
+
+@lru_cache(maxsize=1)
+def _basic():
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()
+
+
+def normalize_basic(text: str) -> str:
+    """Whisper's basic normaliser: lower case, bracketed spans and symbols removed."""
+    return " ".join(_basic()(text).split())
+
+
+def normalize_english(text: str) -> str:
+    """Whisper English normaliser then the basic one (Qwen2-Audio protocol), single-spaced."""
+    return normalize_basic(_english()(strip_special_tokens(text, "en")))
+
+
+@lru_cache(maxsize=1)
+def _cn2an():
+    try:
+        import cn2an  # noqa: PLC0415
+    except ImportError:
+        warnings.warn("cn2an not installed (pip install cn2an==0.5.24): Arabic numerals stay as they are", stacklevel=3)
+        return None
+    return cn2an
+
+
+def _is_punct_or_symbol(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "PS"
+
+
+def normalize_chinese(text: str, *, simplify: bool = False) -> str:
+    """Mandarin normaliser: numbers read out in characters, punctuation and whitespace removed, Latin lower-cased."""
+    out = strip_special_tokens(text, "zh")
+    if simplify:
+        import zhconv  # noqa: PLC0415
+
+        out = zhconv.convert(out, "zh-cn")
+    out = re.sub(r"(\d),(\d)", r"\1\2", out)  # thousands separators
+    converter = _cn2an()
+    if converter is not None and re.search(r"\d", out):
+        try:
+            out = converter.transform(out, "an2cn")
+        except (ValueError, KeyError, IndexError):  # cn2an gives up on odd digit strings: keep them
+            pass
+    out = "".join(ch for ch in out if not _is_punct_or_symbol(ch) and not ch.isspace())
+    return out.lower()
+
+
+def normalize(text: str, language: str = "en", *, simplify_zh: bool = False) -> str:
+    """Normalise one text for scoring in ``language`` (see the module docstring)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    if language == "en":
+        return normalize_english(text)
+    if language == "yue":
+        return normalize_chinese(text, simplify=True)
+    if language in CHAR_LANGUAGES:
+        return normalize_chinese(text, simplify=simplify_zh)
+    return normalize_basic(strip_special_tokens(text, language))
+
+
+def unit(language: str) -> str:
+    """``"char"`` for languages scored on characters (zh, yue, ja), else ``"word"``."""
+    return "char" if language in CHAR_LANGUAGES else "word"
+
+
+def tokenize(text: str, language: str = "en") -> list[str]:
+    """Scoring units of an (already normalised or raw) text: words, or non-space characters for zh/yue/ja."""
+    if language in CHAR_LANGUAGES:
+        return [ch for ch in text if not ch.isspace()]
+    return text.split()
+
+
+def normalizer_id(language: str = "en") -> str:
+    """A short label of the normalisation in force for ``language``, to store with the scores."""
+    if language == "en":
+        found = find_english_spelling_file()
+        return "whisper-en+basic" + ("" if found is not None else "-nospelling")
+    if language in CHAR_LANGUAGES:
+        label = "zh-tn(cn2an)" if importlib.util.find_spec("cn2an") is not None else "zh-tn(no-numbers)"
+        return label + ("+t2s" if language == "yue" else "") + "+char"
+    return "whisper-basic"

@@ -1,0 +1,104 @@
+"""Task prompts per model family, as the peers published them.
+
+For the speech LLMs a prompt is the text that follows the audio in the user turn (the adapter places the audio:
+``<|audio_bos|><|AUDIO|><|audio_eos|>`` for Qwen2-Audio); an empty string means an audio-only turn. For Whisper
+a "prompt" is the generate keywords that choose language and task.
+
+Sources (facts, not code):
+- Qwen2-Audio ASR: ``Detect the language and recognize the speech: <|en|>``, the prompt of Qwen2-Audio's
+  evaluation files (eval_audio/EVALUATION.md), as Kimi-Audio-Evalkit's almeval/models/qwen_audio.py restates it.
+- Qwen2-Audio speech translation: lmms-eval tasks/covost2/_default_template_{en_zh,zh_en}_yaml, ``qwen2_audio``
+  pre_prompt (``Translate the speech into Chinese and only output the translation: <|en|>``).
+- Qwen2-Audio spoken QA: the base model gets `` Your answer to the question is:`` (Kimi-Audio-Evalkit,
+  qwen_audio.py, Audio-QA); the Instruct model gets the audio alone (Kimi-Audio-Evalkit Qwen2AudioChat and
+  VoiceBench both send an audio-only user turn).
+- Kimi-Audio ASR: ``请将音频内容转换为文字。`` (Kimi-Audio README / infer demo). Kimi-Audio has no published
+  translation prompt: we use lmms-eval's default covost2 pre_prompt. QA: audio alone, as for Qwen2-Audio-Instruct.
+- ``default`` (other audio LLMs in transformers, e.g. Voxtral): lmms-eval's model-agnostic prompts, ASR
+  ``Please recognize the speech and only output the recognized content:`` (tasks/librispeech, gigaspeech) and
+  the covost2 default pre_prompt for translation; QA: audio alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
+TASKS = ("asr", "st", "qa")
+
+_FAMILY_ALIASES = {
+    "qwen2-audio": "qwen2_audio",
+    "qwen2audio": "qwen2_audio",
+    "qwen2-audio-instruct": "qwen2_audio_instruct",
+    "kimi-audio": "kimi_audio",
+    "kimia": "kimi_audio",
+    "kimi": "kimi_audio",
+    "hf_audio_llm": "default",
+}
+
+_TEMPLATES: dict[tuple[str, str], str] = {
+    ("qwen2_audio", "asr"): "Detect the language and recognize the speech: <|{source}|>",
+    ("qwen2_audio", "st"): "Translate the speech into {target_name} and only output the translation: <|{source}|>",
+    ("qwen2_audio", "qa"): " Your answer to the question is:",
+    ("qwen2_audio_instruct", "asr"): "Detect the language and recognize the speech: <|{source}|>",
+    ("qwen2_audio_instruct", "st"): "Translate the speech into {target_name} and only output the translation: <|{source}|>",
+    ("qwen2_audio_instruct", "qa"): "",
+    ("kimi_audio", "asr"): "请将音频内容转换为文字。",
+    ("kimi_audio", "st"): "Translate the speech into {target_name} and only output the translation:",
+    ("kimi_audio", "qa"): "",
+    ("default", "asr"): "Please recognize the speech and only output the recognized content:",
+    ("default", "st"): "Translate the speech into {target_name} and only output the translation:",
+    ("default", "qa"): "",
+}
+
+
+def split_task(task: str) -> tuple[str, str | None, str | None]:
+    """``"st_en2zh"`` -> ``("st", "en", "zh")``; plain ``"asr"`` -> ``("asr", None, None)``."""
+    base, _, pair = task.partition("_")
+    if base == "st" and pair:
+        src, sep, tgt = pair.partition("2")
+        if not sep or not src or not tgt:
+            raise ValueError(f"unknown task {task!r}; expected st_<src>2<tgt>, e.g. st_en2zh")
+        return base, src, tgt
+    if pair:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS} or st_<src>2<tgt>")
+    return base, None, None
+
+
+def _whisper_kwargs(task: str, source: str, target: str | None) -> dict[str, Any]:
+    if task == "asr":
+        return {"language": source, "task": "transcribe"}
+    if task == "st":
+        if target != "en":
+            raise ValueError(f"Whisper translates only into English, not into {target!r}")
+        return {"language": source, "task": "translate"}
+    raise ValueError("Whisper has no spoken-QA mode")
+
+
+def get_prompt(
+    model_family: str,
+    task: str,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
+    override: str | dict | None = None,
+) -> str | dict[str, Any]:
+    """The task prompt for a model family (``dict`` of generate keywords for Whisper); ``override`` wins."""
+    family = _FAMILY_ALIASES.get(model_family.lower(), model_family.lower())
+    base, src, tgt = split_task(task)
+    source = source_lang or src or "en"
+    target = target_lang or tgt
+    if base not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if base == "st" and target is None:
+        raise ValueError("speech translation needs a target language")
+    if override is not None:
+        if family == "whisper" and not isinstance(override, dict):
+            raise TypeError("a Whisper prompt override must be a dict of generate keywords")
+        return override
+    if family == "whisper":
+        return _whisper_kwargs(base, source, target)
+    if (family, base) not in _TEMPLATES:
+        known = sorted({f for f, _ in _TEMPLATES} | {"whisper"})
+        raise ValueError(f"no prompt for model family {model_family!r}; known: {known}")
+    target_name = LANGUAGE_NAMES.get(target or "", target or "")
+    return _TEMPLATES[(family, base)].format(source=source, target=target, target_name=target_name)
