@@ -45,6 +45,6 @@ class Output:
 class SpeechModel(Protocol):
     name: str
     token_rate: float  # audio tokens per second where compression applies
-    n_layers: int  # valid compression layers: 0..n_layers
+    n_layers: int  # depth of the stack that compression points index (adapters say which layers are valid)
 
     def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]: ...

@@ -1,0 +1,173 @@
+"""Generic adapter for stock transformers audio LLMs that splice audio features into ``<audio>`` placeholders and run a
+decoder stack at ``model.model.language_model`` (Voxtral, GLM-ASR, Audio Flamingo 3, Qwen3-ASR, Fun-ASR-Nano, ...):
+hooks the ``*ForConditionalGeneration`` forward, its ``language_model`` (masks, positions) and each decoder layer;
+nothing else changes. The engine (``speech_redundancy.engine``) does the work.
+
+Verified here (tiny random configs, tests/test_engine.py): ``VoxtralForConditionalGeneration`` (Llama stack),
+``GlmAsrForConditionalGeneration`` (Llama stack) and ``AudioFlamingo3ForConditionalGeneration`` (Qwen2 stack) give
+bit-identical logits and tokens to the stock model with no compression and run with compression, fed with
+``input_ids`` + ``input_features`` built directly. Not verified: the processors' chat templates used by
+:meth:`HFAudioLLM.generate` (their tokenizer files need the hub), and real weights.
+
+Audio tokens per second (``token_rate`` in the config): Voxtral and GLM-ASR 12.5 (Whisper frames stacked by 4),
+Audio Flamingo 3 25 (pooled by 2, as Qwen2-Audio).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from speech_redundancy import efficiency
+from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.engine import Reach, check_points, compression, needs_spans
+from speech_redundancy.models.base import Output, Point, Request
+
+MAX_SECONDS = 30.0  # the Whisper-style feature extractors of these families pad or cut to one 30 s window
+
+
+def reach(model, name: str | None = None) -> Reach:
+    """Where a stock ``*ForConditionalGeneration`` audio LLM keeps what the engine touches."""
+    inner = getattr(model, "model", None)
+    stack = getattr(inner, "language_model", None)
+    if stack is None or not hasattr(stack, "layers") or not hasattr(stack, "rotary_emb"):
+        raise ValueError(
+            f"{type(model).__name__}: no decoder stack with .layers and .rotary_emb at model.model.language_model; "
+            "this family needs its own adapter"
+        )
+    audio_id = getattr(model.config, "audio_token_id", None)
+    if audio_id is None:
+        raise ValueError(f"{type(model).__name__}: config has no audio_token_id")
+    return Reach(top=model, stack=stack, layers=stack.layers, audio_token_id=int(audio_id), text_config=stack.config,
+                 rotary=stack.rotary_emb, name=name or type(model).__name__)
+
+
+class HFAudioLLM:
+    """A stock transformers audio LLM with compression points in its LLM (``models.base.SpeechModel``)."""
+
+    family = "hf_audio_llm"
+
+    def __init__(self, model, processor, *, name: str, token_rate: float, positions: str = "first",
+                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default"):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.token_rate = float(token_rate)
+        self.positions = positions
+        self.pool_early_kv = pool_early_kv
+        self.batch_size = max(1, int(batch_size))
+        self.prompt_family = prompt_family
+        self.reach = reach(model, name)
+        self.n_layers = self.reach.n_layers
+        self.shape = efficiency.DecoderShape.from_config(self.reach.text_config)
+
+    def check_points(self, points: list[Point]) -> None:
+        check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
+
+    def check_request(self, req: Request, points: list[Point]) -> None:
+        seconds = len(req.audio) / SAMPLE_RATE
+        if seconds > MAX_SECONDS:
+            raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio; {self.name} takes at most 30 s per clip here")
+        if any(needs_spans(p) for p in points) and not req.utt.words:
+            raise ValueError(f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none")
+
+    def inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Chat-template inputs (audio then the task prompt in one user turn), left-padded, on the model's device."""
+        conversations = []
+        for r in requests:
+            prompt = r.prompt if r.prompt is not None else _task_prompt(self.prompt_family, r)
+            content = [{"type": "audio", "audio": r.audio}]
+            if prompt:
+                content.append({"type": "text", "text": prompt})
+            conversations.append([{"role": "user", "content": content}])
+        batch = self.processor.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                                   add_generation_prompt=True, return_tensors="pt", padding=True,
+                                                   sampling_rate=SAMPLE_RATE)
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        if "input_features" in batch:
+            batch["input_features"] = batch["input_features"].to(self.model.dtype)
+        return batch
+
+    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
+        from speech_redundancy import compress as ops
+
+        self.check_points(points)
+        for req in requests:
+            self.check_request(req, points)
+        outs: list[Output] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start:start + self.batch_size]
+            batch = self.inputs(chunk)
+            n_audio = (batch["input_ids"] == self.reach.audio_token_id).sum(1).tolist()
+            spans = None
+            if any(needs_spans(p) for p in points):
+                spans = [ops.spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words],
+                                              self.token_rate, n) for r, n in zip(chunk, n_audio)]
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            t0 = time.perf_counter()
+            with compression(self.model, points, self.reach, spans=spans, seeds=[r.seed for r in chunk],
+                             positions=self.positions, pool_early_kv=self.pool_early_kv) as session, \
+                    torch.inference_mode():
+                ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            seconds = time.perf_counter() - t0
+            new = ids[:, batch["input_ids"].shape[1]:]
+            texts = tok.batch_decode(new, skip_special_tokens=True)
+            for b, rec in enumerate(session.records):
+                stats = efficiency.utterance_stats(rec, self.shape,
+                                                   bytes_per_value=torch.finfo(self.model.dtype).bits // 8)
+                stats.update(seconds=seconds, batch_size=len(chunk), ttft_seconds=session.ttft_seconds,
+                             peak_memory_bytes=session.peak_memory_bytes,
+                             memory_increment_bytes=session.memory_increment_bytes)
+                outs.append(Output(text=texts[b].strip(), tokens_in=rec.tokens_in, tokens_out=rec.tokens_out,
+                                   tokens_per_point=list(rec.tokens_per_point), groups=[list(g) for g in rec.groups],
+                                   stats=stats))
+        return outs
+
+
+def _task_prompt(family: str, req: Request) -> str:
+    from speech_redundancy.prompts import get_prompt
+
+    return get_prompt(family, req.utt.task, source_lang=req.utt.language,
+                      target_lang=req.utt.extra.get("target_language"))
+
+
+def load(cfg) -> HFAudioLLM:
+    """Build the adapter from a ``conf/model/*.yaml`` node with ``family: hf_audio_llm`` (local files only)."""
+    from transformers import AutoProcessor
+
+    get = cfg.get
+    path = str(get("path"))
+    dtype = getattr(torch, get("dtype", "bfloat16"))
+    device = get("device", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model_cls = _model_class(path)
+        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                          attn_implementation=get("attn_implementation", "sdpa"))
+    except OSError:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        where = f"folder {path}" if Path(path).exists() else f"no folder {path!r}; Hugging Face cache {HF_HUB_CACHE}"
+        raise FileNotFoundError(
+            f"{get('name', path)} weights not found (looked in: {where}); on a connected machine run "
+            f"`huggingface-cli download {get('hub_id', path)} --local-dir <folder>`, then pass model.path=<folder>"
+        ) from None
+    return HFAudioLLM(model.to(device), processor, name=get("name", path), token_rate=float(get("token_rate")),
+                      positions=get("positions", "first"), pool_early_kv=bool(get("pool_early_kv", False)),
+                      batch_size=int(get("batch_size", 1)), prompt_family=get("prompt_family", "default"))
+
+
+def _model_class(path: str):
+    """The ``*ForConditionalGeneration`` class named by the checkpoint's config."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    for n in names:
+        if hasattr(transformers, n):
+            return getattr(transformers, n)
+    raise ValueError(f"{path}: config names no transformers class ({names})")

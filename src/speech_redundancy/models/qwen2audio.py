@@ -1,0 +1,299 @@
+"""Qwen2-Audio adapter: hooks ``Qwen2AudioForConditionalGeneration`` (stock transformers) — its forward (prefill or
+decode), its ``model.language_model`` (Qwen2Model: masks, positions) and each Qwen2DecoderLayer (the audio span of
+the layer's input is compressed during prefill); nothing else changes. The engine (``speech_redundancy.engine``)
+does the work; this file only says where Qwen2-Audio keeps its layers, masks, positions and audio placeholders.
+
+Qwen2-Audio in numbers: the processor turns up to 30 s of 16 kHz audio into 128 log-mel frames padded to 3000; the
+Whisper-large-v3-shaped tower gives 1500 positions, average-pooled to 750 audio tokens (25 per second of real
+audio: ``((frames - 1) // 2 + 1 - 2) // 2 + 1``), one ``<|AUDIO|>`` placeholder each; the 7B LLM has 32 layers.
+Longer audio is refused: the feature extractor would silently cut it at 30 s.
+
+``conf/model/tiny_qwen2audio.yaml`` builds a random tiny model instead (no download): a 2-layer tower and a 4-layer
+Qwen2 LLM, with a byte-level tokenizer built here (256 byte tokens + Qwen2-Audio's special tokens) and the real
+Whisper feature extractor (128 mels), so the processor, prompts and generate run the same code path as the 7B.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+import torch
+
+from speech_redundancy import efficiency
+from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.engine import Reach, check_points, compression, needs_spans
+from speech_redundancy.models.base import Output, Point, Request
+
+HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_SPAN = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+MAX_SECONDS = 30.0  # one feature-extractor window
+TOKEN_RATE = 25.0
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>",
+                  "<|en|>", "<|zh|>"]
+
+
+def reach(model) -> Reach:
+    """Where Qwen2-Audio keeps what the engine touches."""
+    stack = model.model.language_model
+    return Reach(
+        top=model,
+        stack=stack,
+        layers=stack.layers,
+        audio_token_id=model.config.audio_token_id,
+        text_config=stack.config,
+        rotary=stack.rotary_emb,
+        name="Qwen2-Audio",
+    )
+
+
+def audio_tokens_for(n_samples: int) -> int:
+    """Audio tokens Qwen2-Audio gives ``n_samples`` of 16 kHz audio (mel frames -> conv stride 2 -> pool 2)."""
+    frames = min(3000, math.ceil(n_samples / 160))  # the processor's attention mask counts ceil(samples / hop)
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+class Qwen2AudioModel:
+    """A Qwen2-Audio checkpoint with compression points in its LLM (implements ``models.base.SpeechModel``)."""
+
+    family = "qwen2audio"
+    token_rate = TOKEN_RATE
+
+    def __init__(self, model, processor, *, name: str = "qwen2-audio", positions: str = "first",
+                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "qwen2_audio",
+                 chat: bool = False):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.positions = positions
+        self.pool_early_kv = pool_early_kv
+        self.batch_size = max(1, int(batch_size))
+        self.prompt_family = prompt_family
+        self.chat = chat
+        self.reach = reach(model)
+        self.n_layers = self.reach.n_layers
+        self.shape = efficiency.DecoderShape.from_config(self.reach.text_config)
+        self.encoder_shape = efficiency.WhisperEncoderShape.from_qwen2audio(model.config)
+        self.processor.tokenizer.padding_side = "left"
+
+    # ------------------------------------------------------------------ checks (before any compute)
+    def check_points(self, points: list[Point]) -> None:
+        check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
+
+    def check_request(self, req: Request, points: list[Point]) -> None:
+        seconds = len(req.audio) / SAMPLE_RATE
+        if seconds > MAX_SECONDS:
+            raise ValueError(
+                f"{req.utt.id}: {seconds:.1f} s of audio; Qwen2-Audio's feature extractor takes at most 30 s per clip "
+                "(it would cut the rest silently): split the utterance"
+            )
+        if len(req.audio) == 0:
+            raise ValueError(f"{req.utt.id}: empty audio")
+        if any(needs_spans(p) for p in points) and not req.utt.words:
+            raise ValueError(
+                f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none "
+                "(align the dataset first)"
+            )
+        text = self.prompt_text(req)
+        if text.count(AUDIO_TOKEN) != 1:
+            raise ValueError(
+                f"{req.utt.id}: the prompt must hold exactly one {AUDIO_TOKEN} placeholder "
+                f"(found {text.count(AUDIO_TOKEN)}): {text!r}"
+            )
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_text(self, req: Request) -> str:
+        """The model input text: the audio span followed by the task prompt (or ``req.prompt`` as given when it
+        already places the audio itself)."""
+        prompt = req.prompt
+        if prompt is None:
+            prompt = _task_prompt(self.prompt_family, req)
+        if AUDIO_TOKEN in prompt:
+            return prompt
+        if self.chat:
+            return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    f"Audio 1: {AUDIO_SPAN}\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+        return AUDIO_SPAN + prompt
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
+        """Greedy decoding of each request with ``points`` applied during prefill (``batch_size`` at a time)."""
+        self.check_points(points)
+        for req in requests:
+            self.check_request(req, points)
+        outs: list[Output] = []
+        for start in range(0, len(requests), self.batch_size):
+            outs += self._generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)
+        return outs
+
+    def inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Processor outputs for a batch (left-padded), on the model's device."""
+        batch = self.processor(
+            text=[self.prompt_text(r) for r in requests], audio=[r.audio for r in requests],
+            sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
+        )
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        batch["input_features"] = batch["input_features"].to(self.model.dtype)
+        return batch
+
+    def _generate_batch(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
+        from speech_redundancy import compress as ops
+
+        batch = self.inputs(requests)
+        n_audio = (batch["input_ids"] == self.reach.audio_token_id).sum(1).tolist()
+        spans = None
+        if any(needs_spans(p) for p in points):
+            spans = [ops.spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words],
+                                          self.token_rate, n) for r, n in zip(requests, n_audio)]
+        tok = self.processor.tokenizer
+        t0 = time.perf_counter()
+        with compression(self.model, points, self.reach, spans=spans, seeds=[r.seed for r in requests],
+                         positions=self.positions, pool_early_kv=self.pool_early_kv) as session, torch.inference_mode():
+            ids = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
+            )
+        seconds = time.perf_counter() - t0
+        new = ids[:, batch["input_ids"].shape[1]:]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        bytes_per_value = torch.finfo(self.model.dtype).bits // 8
+        outs = []
+        for b, (req, rec) in enumerate(zip(requests, session.records)):
+            stats = efficiency.utterance_stats(rec, self.shape, encoder=self.encoder_shape,
+                                               bytes_per_value=bytes_per_value)
+            stats.update(
+                seconds=seconds, batch_size=len(requests), ttft_seconds=session.ttft_seconds,
+                peak_memory_bytes=session.peak_memory_bytes, memory_increment_bytes=session.memory_increment_bytes,
+                kv_cache_bytes_batch=session.kv_bytes,
+                new_tokens=int((new[b] != tok.pad_token_id).sum()),
+            )
+            outs.append(Output(
+                text=texts[b].strip(), tokens_in=rec.tokens_in, tokens_out=rec.tokens_out,
+                tokens_per_point=list(rec.tokens_per_point), groups=[list(g) for g in rec.groups], stats=stats,
+            ))
+        return outs
+
+
+def _task_prompt(family: str, req: Request) -> str:
+    """The task prompt from ``speech_redundancy.prompts`` (built-in ASR default if that module is absent)."""
+    try:
+        from speech_redundancy.prompts import get_prompt
+    except ImportError:  # pragma: no cover - prompts.py ships with the project
+        return f"Detect the language and recognize the speech: <|{req.utt.language}|>"
+    task = req.utt.task
+    return get_prompt(family, task, source_lang=req.utt.language, target_lang=req.utt.extra.get("target_language"))
+
+
+# ----------------------------------------------------------------------------- loading
+def load(cfg) -> Qwen2AudioModel:
+    """Build the adapter from a ``conf/model/*qwen2audio*.yaml`` node (DictConfig or dict)."""
+    get = cfg.get
+    if get("num_threads"):
+        torch.set_num_threads(int(get("num_threads")))
+    attn = get("attn_implementation", "sdpa")
+    device = _device(get("device", "auto"))
+    dtype = getattr(torch, get("dtype", "bfloat16"))
+    if get("tiny", False):
+        model, processor = build_tiny(seed=int(get("seed", 0)), n_layers=int(get("n_layers", 4)),
+                                      hidden=int(get("hidden_size", 64)), attn_implementation=attn)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model, processor = _from_pretrained(str(get("path", HUB_ID)), dtype, attn, device)
+    n_layers = get("n_layers")
+    real = model.config.text_config.num_hidden_layers
+    if n_layers is not None and int(n_layers) != real:
+        raise ValueError(f"model.n_layers={n_layers} but the loaded {get('name', 'model')} has {real} decoder layers")
+    path = str(get("path") or "")
+    family = get("prompt_family") or ("qwen2_audio_instruct" if "instruct" in path.lower() else "qwen2_audio")
+    return Qwen2AudioModel(
+        model, processor, name=get("name", "qwen2-audio"), positions=get("positions", "first"),
+        pool_early_kv=bool(get("pool_early_kv", False)), batch_size=int(get("batch_size", 1)),
+        prompt_family=family, chat=bool(get("chat", False)),
+    )
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _from_pretrained(path: str, dtype, attn: str, device):
+    """Processor and model from a local folder or the Hugging Face cache; never the network."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn
+        )
+    except OSError:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        where = f"folder {path}" if Path(path).exists() else f"no folder {path!r}; Hugging Face cache {HF_HUB_CACHE}"
+        raise FileNotFoundError(
+            f"Qwen2-Audio weights not found (looked in: {where}); on a connected machine run "
+            f"`huggingface-cli download {HUB_ID} --local-dir <folder>`, then pass model.path=<folder>"
+        ) from None
+    return model.to(device), processor
+
+
+# ----------------------------------------------------------------------------- a tiny random Qwen2-Audio
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens, no merges) with Qwen2-Audio's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL_TOKENS[1:])
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_config(vocab_size: int, audio_token_id: int, eos_id: int, *, n_layers: int = 4, hidden: int = 64,
+                attn_implementation: str = "sdpa"):
+    """Qwen2-Audio's architecture at toy size: real mel count and 30 s window, 2 tower layers, ``n_layers`` LLM
+    layers of width ``hidden`` (4 heads, 2 KV heads)."""
+    from transformers import Qwen2AudioConfig
+
+    config = Qwen2AudioConfig(
+        audio_config={"model_type": "qwen2_audio_encoder", "num_mel_bins": 128, "encoder_layers": 2,
+                      "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "d_model": 32,
+                      "max_source_positions": 1500},
+        text_config={"model_type": "qwen2", "vocab_size": vocab_size, "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "num_hidden_layers": n_layers, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                     "initializer_range": 0.2, "eos_token_id": eos_id, "pad_token_id": eos_id,
+                     "bos_token_id": eos_id},
+        audio_token_index=audio_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.audio_config._attn_implementation = attn_implementation
+    return config
+
+
+def build_tiny(seed: int = 0, n_layers: int = 4, hidden: int = 64, attn_implementation: str = "sdpa"):
+    """A random tiny Qwen2-Audio (fixed ``seed``) and a processor for it; no files needed."""
+    from transformers import GenerationConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, \
+        WhisperFeatureExtractor
+
+    tok = tiny_tokenizer()
+    audio_id = tok.convert_tokens_to_ids(AUDIO_TOKEN)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = tiny_config(len(tok), audio_id, eos, n_layers=n_layers, hidden=hidden,
+                         attn_implementation=attn_implementation)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    with torch.no_grad():  # RMSNorm gains away from 1, so that "normed" similarity differs from "hidden"
+        for name, p in model.model.language_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, do_sample=False)
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
+    return model, processor
