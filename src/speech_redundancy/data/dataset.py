@@ -89,12 +89,17 @@ def _unique_ids(utts: list[Utterance], name: str) -> None:
 
 
 def _subset(utts: list[Utterance], subset: str | None, name: str) -> list[Utterance]:
+    """Keep one kind of utterance: ``extra["kind"] == subset`` ("real", "synthetic"), or ``"read"``: real speech
+    read from a text or prompt (the demo set's LibriVox and pocketsphinx clips; not the conversational call)."""
     if subset in (None, "", "all"):
         return utts
-    kept = [u for u in utts if u.extra.get("kind") == subset]
+    if subset == "read":
+        kept = [u for u in utts if u.extra.get("kind") == "real" and u.extra.get("style") in ("read", "command")]
+    else:
+        kept = [u for u in utts if u.extra.get("kind") == subset]
     if not kept:
         kinds = sorted({str(u.extra.get("kind")) for u in utts})
-        raise ValueError(f"data={name}: no utterance has kind {subset!r} (kinds present: {kinds})")
+        raise ValueError(f"data={name}: no utterance in subset {subset!r} (kinds present: {kinds}; or 'read')")
     return kept
 
 
