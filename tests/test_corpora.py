@@ -480,7 +480,7 @@ def test_load_dataset_manifest_subset_buckets_and_demo(tmp_path):
     assert sorted(u.id for u in got) == ["real0", "real2"]
     got, _ = load_dataset({"name": "manifest", "manifest": str(manifest), "buckets": {"edges": [0, 1, 2], "n_per_bucket": 5}})
     assert sorted((u.id, u.extra["bucket"]) for u in got) == [("real0", "0-1"), ("synthetic1", "1-2"), ("synthetic3", "0-1")]
-    with pytest.raises(ValueError, match="no utterance has kind 'fake'"):
+    with pytest.raises(ValueError, match="no utterance in subset 'fake'"):
         load_dataset({"name": "manifest", "manifest": str(manifest), "subset": "fake"})
 
 

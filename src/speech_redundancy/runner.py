@@ -60,8 +60,19 @@ def build_points(cfg: DictConfig) -> list[Point]:
 
 
 # ----------------------------------------------------------------------------- model
+_LAST_MODEL: dict[str, Any] = {}  # the last model built in this process, reused by the next run with the same config
+
+
 def load_model(model_cfg: DictConfig):
-    """Build the adapter for ``model.family``."""
+    """Build the adapter for ``model.family``; a sweep in one process (basic launcher, tests) loads it once."""
+    key = OmegaConf.to_yaml(model_cfg, resolve=True)
+    if key not in _LAST_MODEL:
+        _LAST_MODEL.clear()
+        _LAST_MODEL[key] = _build_model(model_cfg)
+    return _LAST_MODEL[key]
+
+
+def _build_model(model_cfg: DictConfig):
     family = model_cfg.family
     if family == "whisper":
         from speech_redundancy.models import whisper as module
@@ -274,6 +285,11 @@ def main_from_hydra(cfg: DictConfig) -> dict[str, Any] | None:
     import os
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:  # Whisper's generate warns on every call; keep the bar readable
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return run(cfg, out_dir)
     except (RunError, AudioError, ValueError, FileNotFoundError, ImportError, OSError) as e:
