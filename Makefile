@@ -27,6 +27,12 @@ run: data  ## the default run: Whisper base on the demo set (pass Hydra override
 test: data  ## the test suite (tiny random models + real Whisper tiny.en on real speech)
 	$(BIN)/python -m pytest -q
 
+figures: setup  ## every paper table (CSV/Markdown/LaTeX) and figure (PNG/PDF) from whatever is under outputs/
+	$(BIN)/python scripts/make_figures.py --outputs outputs
+
+paper-demo: data  ## reduced paper sweeps on Whisper base over the demo set (CPU, <30 min), then make figures
+	PYTHON=$(BIN)/python SR_OUTPUTS=outputs scripts/paper_demo.sh
+
 bench: setup  ## operator timings against the literal Algorithm 1 loop
 	$(BIN)/python scripts/bench_compress.py
 

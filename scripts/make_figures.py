@@ -1,0 +1,268 @@
+"""Every paper table and figure from whatever results exist (``make figures``).
+
+    python scripts/make_figures.py [--outputs outputs] [--out outputs/figures] [--utterance ID]
+
+Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]), merges shards and repeated runs
+(speech_redundancy.experiments), and writes into ``--out``:
+
+    table4_oracle_<ctx>.{csv,md,tex}       + fig2_oracle_<ctx>.{png,pdf}            (oracle runs)
+    table6_affinity_<ctx>_w<ω>_<feat>.*    + fig4_affinity_<ctx>_w<ω>_<feat>.*     (affinity runs, by window/features)
+    fig6_sensitivity_layer_<ctx>_w<ω>_<feat>.*                                      (affinity runs over τ, ≥2 τ)
+    fig7_window_<ctx>_<feat>.*                                                      (affinity runs, layers with ≥2 ω)
+    table1_main_<model>.*                                                           (DAP runs + matching AP runs)
+    table2_prefill.*                                                                (scripts/bench_prefill.py JSON)
+    table3_fixed_budget_<model>.*                                                   (speedup / fixed_ratio runs)
+    fig3_dynamics_<model>_<data>_<feat>.*                                           (analysis dynamics.jsonl)
+    fig5_groups_<ctx>_<utt>.*                                                       (runs with save_groups=true)
+    table9_trajectories_<ctx>.*                                                     (oracle runs, one utterance)
+    report.txt                                                                      (what was written / skipped)
+
+Each table or figure without data is skipped with one line saying so; malformed result lines are reported as
+file:line; failed or unfinished sweep jobs are reported and the other jobs still aggregated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import pandas as pd  # noqa: E402
+
+from speech_redundancy import experiments as ex  # noqa: E402
+from speech_redundancy import figures as figs  # noqa: E402
+
+
+class Report:
+    def __init__(self):
+        self.written: list[Path] = []
+        self.skipped: list[str] = []
+        self.problems: list[str] = []
+
+    def wrote(self, paths):
+        self.written.extend(paths)
+
+    def skip(self, what: str, why: str):
+        self.skipped.append(f"skipped {what}: {why}")
+
+    def text(self) -> str:
+        lines = [f"wrote {p}" for p in self.written] + self.skipped + [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines) + "\n"
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in str(s))
+
+
+def oracle(df, out, rep):
+    d = ex.oracle_runs(df)
+    if d.empty:
+        return rep.skip("Fig. 2 / Tables 4-5 (oracle_layers)", "no single-point oracle runs")
+    all_ctx = ex.contexts(d)
+    for ctx in ex.contexts(d):
+        name = ex.context_name(df, ctx, all_ctx)
+        t = ex.oracle_table(df, ctx)
+        van = ex.vanilla_of(df, ctx)
+        cap = f"Oracle interventions, {name}: WER / cWER (%) per operator, token ratio and layer"
+        cap += f"; vanilla WER {100 * van['wer']:.2f}" if van and van.get("wer") is not None else "; no vanilla run"
+        rep.wrote(ex.write_table(t, out, f"table4_oracle_{name}", cap))
+        rep.wrote(figs.oracle_layers(d[d["context"] == ctx], out / f"fig2_oracle_{name}",
+                                     f"Layer-wise oracle interventions — {name}", van))
+
+
+def affinity(df, out, rep):
+    d = ex.affinity_runs(df)
+    if d.empty:
+        rep.skip("Fig. 4 / Tables 6-7 (affinity_layers)", "no single-point affinity runs")
+        rep.skip("Figs. 6/8 (sensitivity_layer)", "no single-point affinity runs")
+        rep.skip("Fig. 7 (sensitivity_window)", "no single-point affinity runs")
+        return
+    all_ctx = ex.contexts(d)
+    fig6 = fig7 = 0
+    for ctx in ex.contexts(d):
+        name = ex.context_name(df, ctx, all_ctx)
+        van = ex.vanilla_of(df, ctx)
+        dc = d[d["context"] == ctx]
+        for (window, feat), g in dc.groupby(["window", "features"]):
+            stem = f"{name}_w{int(window)}_{feat}"
+            if g["layer"].nunique() >= 2:
+                t = ex.affinity_table(df, ctx, window, feat)
+                rep.wrote(ex.write_table(t, out, f"table6_affinity_{stem}",
+                                         f"Affinity Pooling, {name}, omega={int(window)}, features={feat}: WER, cWER, Ratio (%)"))
+                rep.wrote(figs.affinity_layers(g, out / f"fig4_affinity_{stem}",
+                                               f"Affinity Pooling ω={int(window)} ({feat}) — {name}", van))
+            if g["threshold"].nunique() >= 2 and g["layer"].nunique() >= 2:
+                fig6 += 1
+                rep.wrote(figs.sensitivity_layer(g, out / f"fig6_sensitivity_layer_{stem}",
+                                                 f"Layer sensitivity, ω={int(window)} ({feat}) — {name}", van))
+        for feat, g in dc.groupby("features"):
+            multi = g.groupby("layer")["window"].nunique()
+            layers = list(multi[multi >= 2].index)
+            if layers:
+                fig7 += 1
+                rep.wrote(figs.sensitivity_window(g[g["layer"].isin(layers)], out / f"fig7_window_{name}_{feat}",
+                                                  f"Lookback window ablation ({feat}) — {name}", van))
+    if not fig6:
+        rep.skip("Figs. 6/8 (sensitivity_layer)", "no affinity runs with two or more thresholds at one window")
+    if not fig7:
+        rep.skip("Fig. 7 (sensitivity_window)", "no layer with affinity runs at two or more windows")
+
+
+def main_results(df, out, rep):
+    models = sorted(df["model"].unique()) if not df.empty else []
+    done = 0
+    for m in models:
+        t = ex.main_table(df, m)
+        if t.empty:
+            continue
+        done += 1
+        rep.wrote(ex.write_table(t, out, f"table1_main_{_slug(m)}",
+                                 f"Main results, {m}: FRR (%), WER (%) / BLEU per dataset"))
+    if not done:
+        rep.skip("Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)")
+
+
+def fixed_budget(df, out, rep):
+    models = sorted(df["model"].unique()) if not df.empty else []
+    done = 0
+    for m in models:
+        t = ex.fixed_budget_table(df, m)
+        if t.empty or len(t) < 2:
+            continue
+        done += 1
+        rep.wrote(ex.write_table(t, out, f"table3_fixed_budget_{_slug(m)}",
+                                 f"Fixed token budgets at layer 0, {m}: WER (%)"))
+    if not done:
+        rep.skip("Table 3 (fixed_budget)", "no speedup or fixed_ratio runs at layer 0")
+
+
+def prefill(outputs, out, rep):
+    files = sorted(Path(outputs).rglob("bench_prefill.json")) if Path(outputs).exists() else []
+    if not files:
+        return rep.skip("Table 2 (prefill_efficiency)", "no bench_prefill.json (run scripts/bench_prefill.py --out "
+                                                        f"{outputs}/bench_prefill)")
+    for f in files:
+        try:
+            bench = json.loads(f.read_text())
+        except ValueError as e:
+            rep.problems.append(f"{f}: unreadable ({e})")
+            continue
+        t = ex.prefill_table(bench)
+        meta = bench.get("meta") or {}
+        suffix = "" if len(files) == 1 else "_" + _slug(f.parent.name)
+        rep.wrote(ex.write_table(t, out, f"table2_prefill{suffix}",
+                                 f"Prefill efficiency on {meta.get('device', '?')}" + (" (tiny model)" if meta.get("tiny") else "")))
+
+
+def dynamics(outputs, out, rep):
+    files = sorted(Path(outputs).rglob("dynamics.jsonl")) if Path(outputs).exists() else []
+    if not files:
+        return rep.skip("Fig. 3 (cosine_dynamics)", "no dynamics.jsonl (python -m speech_redundancy.analysis ...)")
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if not rows:
+            rep.skip(f"Fig. 3 for {f}", "empty file")
+            continue
+        meta_path = f.with_name("meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        rel = f.parent.relative_to(outputs) if f.is_relative_to(outputs) else f.parent
+        name = _slug("_".join(rel.parts[-3:]))
+        title = f"Cosine similarity dynamics — {meta.get('model', '')} ({meta.get('n_utterances', '?')} utterances, " \
+                f"{meta.get('features', 'hidden')}, neighbours {meta.get('neighbours', 'following')})"
+        rep.wrote(figs.cosine_dynamics(pd.DataFrame(rows), out / f"fig3_dynamics_{name}", title))
+
+
+def groups(df, runs, out, rep):
+    with_groups = [r for r in runs if any(row.get("groups") for row in r.rows) and len(r.points) == 1]
+    if not with_groups:
+        return rep.skip("Figs. 5, 9-11 (group_plots)", "no runs with save_groups=true")
+    by_key: dict[tuple, list] = {}
+    for r in with_groups:
+        p = r.points[0]
+        params = {k: v for k, v in (p.get("params") or {}).items()}
+        key = (ex.context_key(r.settings), p["operator"], json.dumps(params, sort_keys=True))
+        by_key.setdefault(key, []).append(r)
+    all_ctx = sorted({k[0] for k in by_key})
+    for (ctx, op, params), rs in by_key.items():
+        name = ex.context_name(df, ctx, all_ctx)
+        words_of = _words(rs[0].settings, rep)
+        rate = float((rs[0].settings.get("model") or {}).get("token_rate") or 50)
+        ids = sorted(set.intersection(*[{row["id"] for row in r.rows if row.get("groups")} for r in rs]))
+        for uid in ids[:5]:
+            strips = []
+            for r in rs:
+                row = next(x for x in r.rows if x["id"] == uid)
+                strips.append({"layer": r.points[0]["layer"], "groups": row["groups"][0],
+                               "hypothesis": row.get("hypothesis", "")})
+            n = max(len(s["groups"]) for s in strips)
+            spans, words = [], []
+            ws = words_of.get(uid)
+            if ws:
+                from speech_redundancy.compress import spans_from_words
+
+                spans = [tuple(s) for s in spans_from_words([w.start for w in ws], [w.end for w in ws], rate, n).tolist()]
+                words = [w.word for w in ws] if len(spans) == len(ws) else []
+            p = json.loads(params)
+            title = (f"{op} τ={p.get('threshold', '-')} ω={p.get('window', '-')} ({p.get('features', 'hidden')}) — {name} — "
+                     f"{uid}\nreference: {next(x for x in rs[0].rows if x['id'] == uid).get('reference', '')}")
+            rep.wrote(figs.group_strips(strips, spans, out / f"fig5_groups_{name}_{_slug(uid)}", title, words))
+
+
+def _words(settings, rep) -> dict:
+    """Word timings of the run's utterances, read again from its dataset (rows do not store them)."""
+    from speech_redundancy.data.dataset import load_dataset
+
+    try:
+        utts, _ = load_dataset(dict(settings.get("data") or {}))
+    except Exception as e:  # the dataset may live on another machine: plot without word boundaries
+        rep.problems.append(f"group plots: word timings unavailable ({e}); plotted without word boundaries")
+        return {}
+    return {u.id: u.words for u in utts if u.words}
+
+
+def trajectories(df, runs, out, rep, utterance=None):
+    got = ex.trajectories(df, runs, utterance) if not df.empty else None
+    if got is None:
+        return rep.skip("Tables 9-10 (trajectories)", "no oracle runs sharing an utterance" +
+                        (f" {utterance!r}" if utterance else ""))
+    uid, t, ref = got
+    rep.wrote(ex.write_table(t, out, "table9_trajectories", f"Decoding trajectories of {uid}. Ground truth: {ref}"))
+
+
+def main(argv: list[str] | None = None) -> Report:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--outputs", type=Path, default=Path(os.environ.get("SR_OUTPUTS", ROOT / "outputs")),
+                    help="folder scanned for run folders (default $SR_OUTPUTS or outputs/)")
+    ap.add_argument("--out", type=Path, default=None, help="where tables and figures go (default <outputs>/figures)")
+    ap.add_argument("--utterance", default=None, help="utterance id for the trajectory table")
+    args = ap.parse_args(argv)
+    out = args.out or args.outputs / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report()
+    df, runs, problems = ex.collect(args.outputs)
+    rep.problems.extend(problems)
+    if not df.empty:
+        df.drop(columns=["dirs"]).to_csv(out / "runs.csv", index=False)
+        rep.wrote([out / "runs.csv"])
+    oracle(df, out, rep)
+    affinity(df, out, rep)
+    main_results(df, out, rep)
+    fixed_budget(df, out, rep)
+    prefill(args.outputs, out, rep)
+    dynamics(args.outputs, out, rep)
+    groups(df, runs, out, rep)
+    trajectories(df, runs, out, rep, args.utterance)
+    text = rep.text()
+    (out / "report.txt").write_text(text, encoding="utf-8")
+    print(f"{len(runs)} runs found under {args.outputs}")
+    print(text, end="")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

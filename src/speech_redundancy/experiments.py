@@ -1,0 +1,532 @@
+"""From run folders to the paper's tables: find runs, merge shards and duplicates, build one DataFrame per table.
+
+A run folder (``runner.run``) holds ``run.json`` (settings + fingerprint), ``results.jsonl`` (one row per
+utterance) and, once finished, ``summary.json``. Sweeps launched with an experiment preset live under
+``<outputs>/multirun/<experiment>/<model>/<data>/<tag>/shard<i>of<n>/``; single runs under
+``<outputs>/runs/<model>/<data>/<tag>/``.
+
+:func:`collect` scans a folder tree and returns one record per *logical run*: folders whose settings agree except
+for ``data.shard_index`` (the shards of one array job, or the same run found twice) are merged, one row per
+utterance (the last one written wins), and WER/cWER are recomputed from the rows with :func:`metrics.aggregate`.
+Everything that could not be used is returned as one line each: malformed result lines (``file:line``), folders
+without ``summary.json`` (a failed or unfinished job), missing shards, failed utterances.
+
+The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``,
+``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from speech_redundancy import metrics
+from speech_redundancy.results import latest_by_id, read_rows
+
+SHARD_KEYS = ("shard_index", "shard_count")
+OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
+
+
+# ----------------------------------------------------------------------------------------------- finding runs
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every folder under ``root`` holding a ``run.json`` (sorted; ``.submitit`` and ``.hydra`` folders ignored)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p.parent for p in root.rglob("run.json")
+                  if not any(part.startswith(".") for part in p.parent.relative_to(root).parts))
+
+
+def experiment_of(path: Path) -> str | None:
+    """``oracle_layers`` for ``.../multirun/oracle_layers/...``; None for single runs."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-1]):
+        if part == "multirun":
+            return parts[i + 1]
+    return None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _without_shard(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (data or {}).items() if k not in SHARD_KEYS}
+
+
+def run_key(settings: dict[str, Any]) -> str:
+    """Identity of a logical run: its settings without the shard index/count."""
+    return _hash({**settings, "data": _without_shard(settings.get("data", {}))})
+
+
+def context_key(settings: dict[str, Any]) -> str:
+    """What runs must share to sit in one table: everything but the intervention (and the shard)."""
+    return _hash({k: (_without_shard(v) if k == "data" else v) for k, v in settings.items() if k != "intervention"})
+
+
+def data_label(data: dict[str, Any]) -> str:
+    """A short name for the evaluated selection: ``librispeech/test-clean``, ``demo/real``."""
+    label = str(data.get("name"))
+    for key in ("split", "subset", "source_language"):
+        if data.get(key) not in (None, "", "???"):
+            label += f"/{data[key]}"
+    return label
+
+
+# ----------------------------------------------------------------------------------------------- one logical run
+@dataclass
+class Run:
+    """One logical run: the merged rows of its folders, its settings, and its recomputed numbers."""
+
+    key: str
+    settings: dict[str, Any]
+    dirs: list[Path]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = True
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        return list((self.settings.get("intervention") or {}).get("points") or [])
+
+    def describe(self) -> dict[str, Any]:
+        """The flat record of this run: what it was (layer, operator, tau, omega, R, K...) and its numbers."""
+        s, iv = self.settings, self.settings.get("intervention") or {}
+        data = s.get("data") or {}
+        rec: dict[str, Any] = {
+            "model": (s.get("model") or {}).get("name"),
+            "token_rate": (s.get("model") or {}).get("token_rate"),
+            "data": data_label(data),
+            "experiment": experiment_of(self.dirs[0]),
+            "intervention": iv.get("name"),
+            "tag": iv.get("tag"),
+            "speedup": iv.get("speedup"),
+            "n_points": len(self.points),
+            "context": context_key(s),
+            "run_key": self.key,
+            "complete": self.complete,
+            "dirs": [str(d) for d in self.dirs],
+        }
+        if len(self.points) == 1:
+            p = self.points[0]
+            rec.update(layer=p.get("layer"), operator=p.get("operator"), **_point_params(p.get("params") or {}))
+        elif len(self.points) == 2:
+            (a, b) = self.points
+            rec.update(layer_in=a.get("layer"), layer_deep=b.get("layer"),
+                       threshold_in=(a.get("params") or {}).get("threshold"),
+                       threshold_deep=(b.get("params") or {}).get("threshold"),
+                       window_in=(a.get("params") or {}).get("window"),
+                       window_deep=(b.get("params") or {}).get("window"),
+                       operator=a.get("operator"), features=(a.get("params") or {}).get("features"))
+        if rec["intervention"] == "speedup" and rec.get("speedup") is not None:
+            rec["ratio"] = float(rec["speedup"])
+        rec.update(score(self.rows))
+        return rec
+
+
+def _point_params(params: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in ("budget", "threshold", "window", "ratio", "features", "gaps"):
+        if params.get(key) is not None:
+            out[key] = params[key]
+    return out
+
+
+def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Corpus numbers of merged rows: WER/cWER (``metrics.aggregate``), BLEU, retention, loops, failures."""
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    out: dict[str, Any] = {"n": len(ok), "n_failed": len(rows) - len(ok)}
+    asr = [r for r in ok if r.get("task", "asr") == "asr" and r.get("edits") is not None]
+    if asr:
+        agg = metrics.aggregate(asr)
+        out.update(wer=agg["wer"], cwer=agg["cwer"], edits=agg["edits"], ref_words=agg["ref_words"])
+    st = [r for r in ok if r.get("task") == "st"]
+    if st:
+        target = st[0].get("target_language") or "en"
+        out["bleu"] = metrics.corpus_bleu([r["reference"] for r in st], [r["hypothesis"] for r in st], target)["bleu"]
+    tin = sum(r.get("tokens_in") or 0 for r in ok)
+    out["retention"] = sum(r.get("tokens_out") or 0 for r in ok) / tin if tin else math.nan
+    out["loop_rate"] = sum(bool(r.get("loop")) for r in ok) / len(ok) if ok else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- collecting
+def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
+    """The logical runs under ``root`` and one line per problem met on the way (see module docstring)."""
+    problems: list[str] = []
+    groups: dict[str, Run] = {}
+    for d in find_run_dirs(root):
+        try:
+            meta = json.loads((d / "run.json").read_text(encoding="utf-8"))
+            settings = meta["settings"]
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"{d}/run.json: unreadable, run skipped ({e})")
+            continue
+        key = run_key(settings)
+        run = groups.setdefault(key, Run(key=key, settings=settings, dirs=[]))
+        run.dirs.append(d)
+        if not (d / "summary.json").exists():
+            run.complete = False
+            problems.append(f"{d}: no summary.json (the job failed or has not finished); its rows are used as they are")
+    runs = []
+    for run in groups.values():
+        rows: list[dict[str, Any]] = []
+        for d in run.dirs:
+            got, bad = read_rows(d / "results.jsonl")
+            problems.extend(bad)
+            rows.extend(got)
+        run.rows = list(latest_by_id(rows).values())
+        count = int((run.settings.get("data") or {}).get("shard_count") or 1)
+        shards = {int(_shard_of(d, run)) for d in run.dirs}
+        if count > 1 and len(shards) < count:
+            run.complete = False
+            problems.append(f"{run.dirs[0]}: {len(shards)} of {count} shards found ({sorted(shards)})")
+        failed = [r for r in run.rows if r.get("status", "ok") != "ok"]
+        if failed:
+            problems.append(f"{run.dirs[0]}: {len(failed)} failed utterance(s), e.g. {failed[0].get('id')}: "
+                            f"{failed[0].get('error')}")
+        if run.rows:
+            runs.append(run)
+        else:
+            problems.append(f"{run.dirs[0]}: no result rows; run left out")
+    return runs, problems
+
+
+def _shard_of(d: Path, run: Run) -> int:
+    try:
+        return int(json.loads((d / "run.json").read_text())["settings"]["data"].get("shard_index") or 0)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return 0
+
+
+def submitit_failures(root: str | Path) -> list[str]:
+    """One line per submitit job under ``root`` whose result is an error (Hydra's submitit launcher)."""
+    import pickle
+
+    out = []
+    for pkl in sorted(Path(root).rglob("*_result.pkl")) if Path(root).exists() else []:
+        try:
+            with pkl.open("rb") as f:
+                status, value = pickle.load(f)
+        except Exception as e:  # a half-written or foreign pickle: say so, go on
+            out.append(f"{pkl}: unreadable job result ({type(e).__name__})")
+            continue
+        if status != "success":
+            last = str(value).strip().splitlines()[-1:] or ["?"]
+            out.append(f"{pkl.parent}: sweep job failed: {last[0]}")
+    return out
+
+
+def collect(root: str | Path) -> tuple[pd.DataFrame, list[Run], list[str]]:
+    """(one row per logical run, the runs, problems) for every run folder under ``root``."""
+    runs, problems = load_runs(root)
+    problems += submitit_failures(root)
+    df = pd.DataFrame([r.describe() for r in runs])
+    return df, runs, problems
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def _sel(df: pd.DataFrame, **eq) -> pd.DataFrame:
+    if df.empty:
+        return df
+    m = pd.Series(True, index=df.index)
+    for k, v in eq.items():
+        if k not in df:
+            return df.iloc[0:0]
+        m &= df[k] == v
+    return df[m]
+
+
+def _not_aux(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs of the aggregate sweeps (group-plot and trajectory runs evaluate 1-3 utterances: left out)."""
+    if df.empty or "experiment" not in df:
+        return df
+    exp = df["experiment"].fillna("")
+    return df[~exp.str.startswith(("trajectories", "group_plots"))]
+
+
+def vanilla_of(df: pd.DataFrame, context: str) -> dict[str, Any] | None:
+    v = _sel(df, intervention="none", context=context)
+    return None if v.empty else v.sort_values("n", ascending=False).iloc[0].to_dict()
+
+
+def contexts(df: pd.DataFrame) -> list[str]:
+    return [] if df.empty else sorted(df["context"].unique())
+
+
+def context_name(df: pd.DataFrame, context: str, all_contexts: Iterable[str] | None = None) -> str:
+    """``whisper-base_demo-real`` (plus the context hash when one model/data pair has several contexts)."""
+    row = df[df["context"] == context].iloc[0]
+    base = f"{row['model']}_{row['data']}".replace("/", "-")
+    same = {c for c in (all_contexts or [context])
+            if not df[df["context"] == c].empty and
+            f"{df[df['context'] == c].iloc[0]['model']}_{df[df['context'] == c].iloc[0]['data']}".replace("/", "-") == base}
+    return base if len(same) <= 1 else f"{base}_{context[:6]}"
+
+
+def oracle_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Single-point oracle runs (paper §3): one row per (context, operator, budget, layer)."""
+    d = _not_aux(_sel(df, intervention="oracle", n_points=1))
+    if d.empty:
+        return d
+    d = d.copy()
+    # the paper labels each budget by its token ratio: the mean retention over that budget's runs
+    d["token_ratio"] = d.groupby(["context", "budget"])["retention"].transform("mean")
+    return d.sort_values(["context", "operator", "budget", "layer"])
+
+
+def oracle_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
+    """Paper Tables 4-5: rows (operator, token ratio), columns ``L<l> WER`` / ``L<l> cWER`` in %."""
+    d = oracle_runs(df)
+    d = d[d["context"] == context]
+    out = []
+    for (op, budget), g in d.groupby(["operator", "budget"], sort=True):
+        rec = {"Operator": OPERATOR_NAMES.get(op, op), "R": int(budget), "Token Ratio": 100 * g["token_ratio"].iloc[0]}
+        for _, r in g.sort_values("layer").iterrows():
+            rec[f"L{int(r['layer'])} WER"] = 100 * r["wer"]
+            rec[f"L{int(r['layer'])} cWER"] = 100 * r["cwer"]
+        out.append(rec)
+    t = pd.DataFrame(out)
+    return t.sort_values(["Operator", "Token Ratio"]).reset_index(drop=True) if not t.empty else t
+
+
+def affinity_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Single-point Affinity Pooling runs (paper §4)."""
+    d = _not_aux(_sel(df, intervention="affinity", n_points=1))
+    return d if d.empty else d[d["operator"] == "affinity"].sort_values(["context", "features", "window", "layer", "threshold"])
+
+
+def affinity_table(df: pd.DataFrame, context: str, window: int, features: str) -> pd.DataFrame:
+    """Paper Tables 6-7: rows layer, columns ``tau=<t> WER / cWER / Ratio`` in %."""
+    d = affinity_runs(df)
+    d = d[(d["context"] == context) & (d["window"] == window) & (d["features"] == features)]
+    out = []
+    for layer, g in d.groupby("layer", sort=True):
+        rec = {"Layer": int(layer)}
+        for _, r in g.sort_values("threshold").iterrows():
+            t = f"tau={r['threshold']:g}"
+            rec[f"{t} WER"], rec[f"{t} cWER"], rec[f"{t} Ratio"] = 100 * r["wer"], 100 * r["cwer"], 100 * r["retention"]
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _setting_name(t_in: float, t_deep: float, label: str | None = None) -> str:
+    """The paper's names for its two settings; two other settings are named by order (lower tau_in = Aggressive)."""
+    known = {(0.8, 0.7): "Setting A: Aggressive", (0.9, 0.8): "Setting B: Conservative"}
+    name = known.get((round(float(t_in), 3), round(float(t_deep), 3)), label or "Setting")
+    return f"{name} (tau_in={t_in:g}, tau_deep={t_deep:g})"
+
+
+def _metric(row: dict[str, Any]) -> tuple[str, float]:
+    if row.get("wer") is not None and not _isnan(row.get("wer")):
+        return "WER", 100 * row["wer"]
+    if row.get("bleu") is not None and not _isnan(row.get("bleu")):
+        return "BLEU", row["bleu"]
+    return "-", math.nan
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _single(df: pd.DataFrame, model: str, data: str, layer: int, threshold: float, window: int, features) -> dict | None:
+    d = _sel(df, intervention="affinity", n_points=1, model=model, data=data)
+    if d.empty:
+        return None
+    d = d[(d["layer"] == layer) & (d["threshold"].astype(float).round(3) == round(float(threshold), 3))
+          & (d["window"] == window) & (d["features"] == features)]
+    return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
+
+
+def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Paper Tables 1/8 for one model: Vanilla, then per DAP setting found AP_in, AP_deep, DAP.
+
+    AP_in / AP_deep are the single-point runs equal to the DAP run's first / second point. Columns: l_in,
+    l_deep, FRR (%, mean over datasets), then the metric per dataset (WER %, BLEU), and their average.
+    """
+    d = _not_aux(df[df["model"] == model]) if not df.empty else df
+    dap = _sel(d, intervention="dap")
+    if dap.empty:
+        return pd.DataFrame()
+    datasets = sorted(dap["data"].unique())  # the selections DAP was run on (not every run of this model)
+    rows: list[dict[str, Any]] = []
+
+    def add(method: str, setting: str, l_in, l_deep, per_data: dict[str, dict | None]):
+        rec: dict[str, Any] = {"Setting": setting, "Method": method, "l_in": l_in, "l_deep": l_deep}
+        frr = [r["retention"] for r in per_data.values() if r]
+        rec["FRR"] = 100 * sum(frr) / len(frr) if frr else math.nan
+        vals = []
+        for name in datasets:
+            r = per_data.get(name)
+            metric, v = _metric(r) if r else ("-", math.nan)
+            rec[f"{name} {metric if r else ''}".strip()] = v
+            vals.append(v)
+        good = [v for v in vals if not _isnan(v)]
+        rec["Avg."] = sum(good) / len(good) if len(good) == len(vals) and good else math.nan
+        if any(r for r in per_data.values()):
+            rows.append(rec)
+
+    add("Vanilla", "", "-", "-", {n: _best(_sel(d, intervention="none", data=n)) for n in datasets})
+    settings = dap.drop_duplicates(["layer_in", "layer_deep", "threshold_in", "threshold_deep", "window_in",
+                                    "window_deep", "features"])
+    settings = settings.sort_values(["threshold_in", "threshold_deep"])
+    order = ["Aggressive", "Conservative"] if len(settings) == 2 else [None] * len(settings)
+    for (_, s), label in zip(settings.iterrows(), order):
+        name = _setting_name(s["threshold_in"], s["threshold_deep"], label)
+        li, ld, f = int(s["layer_in"]), int(s["layer_deep"]), s["features"]
+        add("AP_in", name, li, "-", {n: _single(d, model, n, li, s["threshold_in"], s["window_in"], f) for n in datasets})
+        add("AP_deep", name, "-", ld, {n: _single(d, model, n, ld, s["threshold_deep"], s["window_deep"], f) for n in datasets})
+        same = dap[(dap["threshold_in"] == s["threshold_in"]) & (dap["threshold_deep"] == s["threshold_deep"])
+                   & (dap["layer_in"] == li) & (dap["layer_deep"] == ld) & (dap["features"] == f)]
+        add("DAP", name, li, ld, {n: _best(same[same["data"] == n]) for n in datasets})
+    # columns with a unit per dataset: "<data> WER" (or BLEU); drop unit-less empty ones
+    t = pd.DataFrame(rows)
+    return t.drop(columns=[c for c in t.columns if t[c].isna().all()])
+
+
+def _best(d: pd.DataFrame) -> dict | None:
+    return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
+
+
+FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in", "affinity_budget"))
+
+
+def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Paper Table 3: WER (%) per dataset under fixed token budgets K, for speedup, interpolate and AP_in
+    (``affinity_budget``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
+    d = _not_aux(df[df["model"] == model]) if not df.empty else df
+    if d.empty:
+        return pd.DataFrame()
+    sp = _sel(d, intervention="speedup")
+    fr = _sel(d, intervention="fixed_ratio", n_points=1)
+    fr = fr[fr["layer"] == 0] if not fr.empty else fr
+    if sp.empty and fr.empty:
+        return pd.DataFrame()
+    datasets = sorted(set(sp["data"]) | set(fr["data"]) if not fr.empty else set(sp["data"]))
+    rows = []
+
+    def add(budget, method, sub):
+        rec = {"Budget": budget, "Method": method}
+        vals = []
+        for n in datasets:
+            r = _best(sub[sub["data"] == n]) if not sub.empty else None
+            v = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
+            rec[n] = v
+            vals.append(v)
+        rets = [r for r in sub["retention"]] if not sub.empty else []
+        rec["Ret."] = 100 * sum(rets) / len(rets) if rets else math.nan
+        good = [v for v in vals if not _isnan(v)]
+        rec["Avg."] = sum(good) / len(good) if good and len(good) == len(vals) else math.nan
+        if good:
+            rows.append(rec)
+
+    add("-", "Vanilla", _sel(d, intervention="none"))
+    ratios = sorted({float(r) for r in pd.concat([sp.get("ratio", pd.Series(dtype=float)),
+                                                   fr.get("ratio", pd.Series(dtype=float))]).dropna()}, reverse=True)
+    for k in ratios:
+        for label, op in FIXED_METHODS:
+            sub = sp if op == "speedup" else fr[fr["operator"] == op] if not fr.empty else fr
+            sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
+            add(f"{100 * k:g}%", label, sub)
+    return pd.DataFrame(rows)
+
+
+def trajectories(df: pd.DataFrame, runs: list[Run], utterance: str | None = None) -> tuple[str, pd.DataFrame, str] | None:
+    """Paper Tables 9-10: the decoded text of one utterance under each oracle run at the smallest budget.
+
+    Uses the ``trajectories*`` sweeps when present, else every oracle run. Returns (utterance id, table,
+    reference) or None when there are no oracle runs with that utterance.
+    """
+    from speech_redundancy.rescore import trajectory_table
+
+    ora = _sel(df, intervention="oracle", n_points=1)
+    if ora.empty:
+        return None
+    traj = ora[ora["experiment"].fillna("").str.startswith("trajectories")]
+    ora = traj if not traj.empty else ora
+    budget = ora["budget"].min()
+    keys = set(ora[ora["budget"] == budget]["run_key"])
+    chosen = [r for r in runs if r.key in keys]
+    ids = [set(row["id"] for row in r.rows if row.get("status", "ok") == "ok") for r in chosen]
+    common = set.intersection(*ids) if ids else set()
+    if utterance is None:
+        if not common:
+            return None
+        utterance = sorted(common)[0]
+    rows, reference = [], ""
+    for r in chosen:
+        p = r.points[0]
+        for row in r.rows:
+            if str(row["id"]) == str(utterance):
+                reference = row.get("reference", reference)
+                rows.append({**row, "operator": p["operator"], "layer": p["layer"],
+                             "budget": (p.get("params") or {}).get("budget")})
+    if not rows:
+        return None
+    table = trajectory_table(rows, utterance)
+    table = table[[c for c in table.columns if not table[c].isna().all()]]  # e.g. no threshold for the oracle
+    return utterance, table, reference
+
+
+def prefill_table(bench: dict[str, Any]) -> pd.DataFrame:
+    """Paper Table 2 from ``scripts/bench_prefill.py``'s JSON (``{"meta", "rows"}``), longest bucket first."""
+    t = pd.DataFrame(bench.get("rows") or [])
+    if t.empty:
+        return t
+    cols = {"bucket": "Bucket", "method": "Method", "frr": "FRR", "ttft_ms": "TTFT (ms)", "speedup": "Spd.",
+            "t_ap_ms": "t_AP (ms)", "peak_gb": "m (GB)", "increment_gb": "dm (GB)", "saving": "Sav."}
+    t = t[[c for c in cols if c in t]].rename(columns=cols)
+    if "FRR" in t:
+        t["FRR"] = 100 * t["FRR"]
+    order = {b: -float(str(b).split("-")[0]) for b in t["Bucket"].unique()}
+    return t.sort_values("Bucket", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- writing tables
+def _fmt(v: Any) -> str:
+    if v is None or _isnan(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def to_markdown(t: pd.DataFrame) -> str:
+    cols = [str(c) for c in t.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in t.itertuples(index=False):  # itertuples keeps each column's type (iterrows upcasts ints)
+        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(t: pd.DataFrame, caption: str = "") -> str:
+    def esc(s: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+            s = s.replace(a, b)
+        return s
+
+    cols = [esc(str(c)) for c in t.columns]
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
+             " & ".join(cols) + r" \\", r"\midrule"]
+    for r in t.itertuples(index=False):
+        lines.append(" & ".join(esc(_fmt(v)) for v in r) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(r"\caption{" + esc(caption) + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(t: pd.DataFrame, out: Path, stem: str, caption: str = "") -> list[Path]:
+    """``<stem>.csv``, ``.md`` and ``.tex`` under ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.tex"]
+    t.to_csv(paths[0], index=False)
+    paths[1].write_text((f"**{caption}**\n\n" if caption else "") + to_markdown(t), encoding="utf-8")
+    paths[2].write_text(to_latex(t, caption), encoding="utf-8")
+    return paths

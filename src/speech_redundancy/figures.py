@@ -1,0 +1,230 @@
+"""One plotting function per paper figure. Each takes the DataFrame rows that :mod:`speech_redundancy.experiments`
+built (or the dynamics rows of :mod:`speech_redundancy.analysis`) and a path stem, and writes ``<stem>.png`` and
+``<stem>.pdf``. Rates are fractions in the data and percentages on the axes.
+
+- :func:`oracle_layers`      Fig. 2: WER and cWER (log) against layer, one line per token ratio, one panel per operator
+- :func:`cosine_dynamics`    Fig. 3: neighbour similarity (k), global mean, max within words against layer
+- :func:`affinity_layers`    Fig. 4: WER, cWER (log) and retention against layer, one line per threshold
+- :func:`group_strips`       Figs. 5, 9-11: merged groups per layer, word boundaries, tokens after compression
+- :func:`sensitivity_layer`  Figs. 6/8: WER and retention against threshold, one line per layer, early/deep panels
+- :func:`sensitivity_window` Fig. 7: WER and retention against threshold, one line per window, one row per layer
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
+
+
+def save(fig, stem: str | Path) -> list[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _pct(s: pd.Series) -> pd.Series:
+    return 100 * s.astype(float)
+
+
+def _vanilla_line(ax, vanilla: dict | None, key: str) -> None:
+    if vanilla and vanilla.get(key) is not None and not math.isnan(vanilla[key]):
+        ax.axhline(100 * vanilla[key], color="0.3", ls="--", lw=1, label=f"Vanilla {100 * vanilla[key]:.2f}")
+
+
+def _log_safe(ax, values: Sequence[float]) -> None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if vals and min(vals) > 0:
+        ax.set_yscale("log")
+    else:  # a WER of 0 has no log: symlog keeps the scale readable (paper Fig. 8 does the same)
+        ax.set_yscale("symlog", linthresh=1.0)
+
+
+def oracle_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Fig. 2. ``d``: oracle runs of one context (columns operator, budget, token_ratio, layer, wer, cwer)."""
+    ops = [o for o in ("random_drop", "uniform_drop", "uniform_merge") if o in set(d["operator"])]
+    ops += sorted(set(d["operator"]) - set(ops))
+    fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.4), squeeze=False, sharex=True)
+    budgets = sorted(d["budget"].unique())
+    colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(budgets), 1)))
+    for j, op in enumerate(ops):
+        g = d[d["operator"] == op]
+        for row, (key, label) in enumerate((("wer", "WER (%)"), ("cwer", "cWER (%)"))):
+            ax = axes[row][j]
+            for c, b in zip(colors, budgets):
+                s = g[g["budget"] == b].sort_values("layer")
+                if s.empty:
+                    continue
+                ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4,
+                        label=f"R={int(b)} ({100 * s['token_ratio'].iloc[0]:.1f}%)")
+            _vanilla_line(ax, vanilla, key)
+            _log_safe(ax, list(_pct(g[key])))
+            ax.grid(alpha=0.3, which="both")
+            if row == 0:
+                ax.set_title(OPERATOR_NAMES.get(op, op))
+            if j == 0:
+                ax.set_ylabel(label + ", log scale")
+            if row == 1:
+                ax.set_xlabel("layer l")
+    axes[0][-1].legend(fontsize=8, title="token ratio", title_fontsize=8)
+    fig.suptitle(title or "Layer-wise oracle interventions")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def affinity_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Fig. 4. ``d``: single-point affinity runs of one context, window and features (layer, threshold, ...)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    thresholds = sorted(d["threshold"].unique())
+    colors = plt.cm.plasma(np.linspace(0.1, 0.8, max(len(thresholds), 1)))
+    for ax, (key, label) in zip(axes, (("wer", "WER (%)"), ("cwer", "cWER (%)"), ("retention", "retention (%)"))):
+        for c, t in zip(colors, thresholds):
+            s = d[d["threshold"] == t].sort_values("layer")
+            ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4, label=f"τ={t:g}")
+        if key == "retention":
+            ax.set_ylim(0, 105)
+        else:
+            _vanilla_line(ax, vanilla, key)
+            _log_safe(ax, list(_pct(d[key])))
+            label += ", log scale"
+        ax.set_xlabel("layer l")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title or "Affinity Pooling, layer by layer")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def cosine_dynamics(rows: pd.DataFrame, stem: str | Path, title: str = "") -> list[Path]:
+    """Fig. 3. ``rows``: one row per layer with ``neighbour_k<k>``, ``global_mean``, ``max_within_words``."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ks = sorted(int(c.split("_k")[1]) for c in rows.columns if c.startswith("neighbour_k"))
+    colors = plt.cm.Blues(np.linspace(0.9, 0.4, max(len(ks), 1)))
+    for c, k in zip(colors, ks):
+        ax.plot(rows["layer"], rows[f"neighbour_k{k}"], "o-", ms=4, color=c, label=f"neighbour k={k}")
+    ax.plot(rows["layer"], rows["global_mean"], "s--", ms=4, color="tab:gray", label="global mean")
+    if "max_within_words" in rows and rows["max_within_words"].notna().any():
+        ax.plot(rows["layer"], rows["max_within_words"], "^-", ms=4, color="tab:red", label="max within words")
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("cosine similarity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Layer-wise cosine similarity dynamics")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def _split_layers(layers: list[int]) -> list[list[int]]:
+    if len(layers) <= 4:
+        return [layers]
+    gaps = [b - a for a, b in zip(layers, layers[1:])]
+    cut = int(np.argmax(gaps)) + 1 if max(gaps) > 1 else len(layers) // 2
+    return [layers[:cut], layers[cut:]]
+
+
+def sensitivity_layer(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Figs. 6/8. ``d``: single-point affinity runs of one context/window/features over layers and thresholds.
+    Early and deep layers (split at the largest gap in the layer list, else in half) get one row each."""
+    layers = sorted(int(x) for x in d["layer"].unique())
+    parts = _split_layers(layers)
+    fig, axes = plt.subplots(len(parts), 2, figsize=(10, 3.4 * len(parts)), squeeze=False)
+    for i, part in enumerate(parts):
+        colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(part), 1)))
+        for c, layer in zip(colors, part):
+            s = d[d["layer"] == layer].sort_values("threshold")
+            axes[i][0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=f"l={layer}")
+            axes[i][1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=f"l={layer}")
+        _vanilla_line(axes[i][0], vanilla, "wer")
+        _log_safe(axes[i][0], list(_pct(d[d["layer"].isin(part)]["wer"])))
+        axes[i][0].set_ylabel("WER (%)")
+        axes[i][1].set_ylabel("retention (%)")
+        axes[i][1].set_ylim(0, 105)
+        for ax in axes[i]:
+            ax.set_xlabel("threshold τ")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "Layer sensitivity of Affinity Pooling")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def sensitivity_window(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Fig. 7. ``d``: single-point affinity runs of one context/features at layers with several windows."""
+    layers = sorted(int(x) for x in d["layer"].unique())
+    fig, axes = plt.subplots(len(layers), 2, figsize=(10, 3.4 * len(layers)), squeeze=False)
+    for i, layer in enumerate(layers):
+        g = d[d["layer"] == layer]
+        windows = sorted(int(w) for w in g["window"].unique())
+        colors = plt.cm.cividis(np.linspace(0.1, 0.9, max(len(windows), 1)))
+        for c, w in zip(colors, windows):
+            s = g[g["window"] == w].sort_values("threshold")
+            axes[i][0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=f"ω={w}")
+            axes[i][1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=f"ω={w}")
+        _vanilla_line(axes[i][0], vanilla, "wer")
+        _log_safe(axes[i][0], list(_pct(g["wer"])))
+        axes[i][0].set_ylabel(f"l={layer}: WER (%)")
+        axes[i][1].set_ylabel(f"l={layer}: retention (%)")
+        axes[i][1].set_ylim(0, 105)
+        for ax in axes[i]:
+            ax.set_xlabel("threshold τ")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "Lookback window ablation")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def group_strips(strips: list[dict[str, Any]], word_spans: list[tuple[int, int]], stem: str | Path,
+                 title: str = "", words: Sequence[str] = ()) -> list[Path]:
+    """Figs. 5, 9-11: one strip per layer, each input token coloured by its merged group, vertical lines at word
+    boundaries, the number of tokens after compression on the right axis and the transcript under each strip.
+
+    ``strips``: ``{"layer", "groups" (output index per input token), "hypothesis"}`` per layer; ``word_spans``:
+    [start, end) token indices of the words on the same axis.
+    """
+    strips = sorted(strips, key=lambda s: s["layer"])
+    n = max(len(s["groups"]) for s in strips)
+    fig, ax = plt.subplots(figsize=(min(22, 4 + n / 12), 0.9 + 0.75 * len(strips)))
+    cmap = plt.get_cmap("tab20")
+    for i, s in enumerate(strips):
+        g = np.asarray(s["groups"])
+        # neighbouring groups get different colours: cycle over 20 colours by group index
+        colours = cmap((g % 20) / 19.0)
+        y = len(strips) - 1 - i
+        ax.imshow(colours[None, :, :3], extent=(0, len(g), y + 0.1, y + 0.75), aspect="auto", interpolation="nearest")
+        hyp = s.get("hypothesis") or ""
+        ax.text(0, y + 0.02, hyp if len(hyp) < 160 else hyp[:157] + "...", fontsize=6.5, va="top", ha="left",
+                color="0.2")
+    for start, end in word_spans:
+        ax.axvline(start, color="k", lw=0.6, alpha=0.7)
+        ax.axvline(end, color="k", lw=0.6, alpha=0.7, ls=":")
+    if words and len(words) == len(word_spans):
+        for (start, end), w in zip(word_spans, words):
+            ax.text((start + end) / 2, len(strips) - 0.15, w, fontsize=7, ha="center", va="bottom", rotation=0)
+    ax.set_xlim(0, n)
+    ax.set_ylim(-0.25, len(strips) + 0.25)
+    ax.set_yticks([len(strips) - 1 - i + 0.42 for i in range(len(strips))])
+    ax.set_yticklabels([f"l={s['layer']}" for s in strips])
+    ax.set_xlabel("audio token (input frame index)")
+    right = ax.twinx()
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(ax.get_yticks())
+    right.set_yticklabels([str(int(max(s["groups"]) + 1)) if len(s["groups"]) else "0" for s in strips])
+    right.set_ylabel("tokens after compression")
+    ax.set_title(title or "Merged token groups")
+    fig.tight_layout()
+    return save(fig, stem)
