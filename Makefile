@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data run test figures paper-demo bench clean-outputs
+.PHONY: setup data run test figures paper-demo bench bench-prefill clean-outputs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ paper-demo: data  ## reduced paper sweeps on Whisper base over the demo set (CPU
 
 bench: setup  ## operator timings against the literal Algorithm 1 loop
 	$(BIN)/python scripts/bench_compress.py
+
+bench-prefill: setup  ## Qwen2-Audio-7B architecture, random weights, TTFT and memory by duration bucket (needs a GPU)
+	$(BIN)/python scripts/bench_prefill.py --out outputs/bench_prefill
 
 clean-outputs:
 	rm -rf outputs

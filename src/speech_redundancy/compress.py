@@ -106,7 +106,8 @@ def _empty(x: Tensor) -> Compressed:
 def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     """Mean-pool ``x`` [T, d] over ``groups`` [T] (ids 0..T'-1, non-decreasing over kept tokens, -1 = drop).
 
-    Groups of one token are copied exactly; others are summed in order (index_add_) and divided by their size.
+    Groups of one token are copied exactly; others are summed in order (``embedding_bag`` in sum mode, one pass
+    over the rows) in float32 (float64 for float64 input) and divided by their size.
     """
     g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
     g = g.astype(np.int64, copy=False)
@@ -130,10 +131,9 @@ def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     else:
         acc = _acc_dtype(x.dtype)
         src = x if x.dtype == acc else x.to(acc)
-        if kept.size != x.shape[0]:
-            src = src.index_select(0, torch.from_numpy(kept).to(device))
-        tokens = torch.zeros(n_out, x.shape[1], dtype=acc, device=device)
-        tokens.index_add_(0, torch.from_numpy(gk).to(device), src)
+        # group sums in one fused pass: each group is a contiguous "bag" of kept rows starting at offset `first`
+        tokens = torch.nn.functional.embedding_bag(torch.from_numpy(kept).to(device), src,
+                                                   torch.from_numpy(first).to(device), mode="sum")
         tokens.div_(torch.from_numpy(counts).to(device=device, dtype=acc).unsqueeze(1))
         tokens = tokens.to(x.dtype)
     return Compressed(tokens, groups_t, positions_t)
