@@ -190,3 +190,32 @@ def test_cli_missing_qwen2audio_weights_is_one_clear_line(tmp_path):
     assert res.returncode == 2
     err = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "Qwen2-Audio" in err[0] and "model.path" in err[0]
+
+
+def test_cli_scores_a_librispeech_folder_end_to_end(demo_manifest, tmp_path):
+    """The issue's LibriSpeech form on a folder in LibriSpeech's own layout (flac + trans.txt), built from the real
+    LibriVox clips of the demo set: loads, transcribes with real Whisper weights, and scores."""
+    import soundfile as sf
+
+    from speech_redundancy.audio import load_audio
+
+    clips = [u for u in read_manifest(demo_manifest) if u.id.startswith("librivox-")][:3]
+    assert len(clips) == 3
+    chapter = tmp_path / "LibriSpeech" / "test-clean" / "1995" / "1826"
+    chapter.mkdir(parents=True)
+    lines = []
+    for i, u in enumerate(clips):
+        uid = f"1995-1826-{i:04d}"
+        sf.write(chapter / f"{uid}.flac", load_audio(u.audio), 16000, subtype="PCM_16")
+        lines.append(f"{uid} {u.text.upper()}")
+    (chapter / "1995-1826.trans.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    res = _cli("model=whisper_tiny_en", "data=librispeech", f"data.root={tmp_path}", "data.split=test-clean",
+               f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_utterances"] == 3 and summary["n_failed"] == 0
+    assert summary["wer"] < 0.25  # real speech, real weights: a broken loader or scorer gives ~100%
+    rows = _rows(out / "results.jsonl")
+    assert sorted(r["id"] for r in rows) == ["1995-1826-0000", "1995-1826-0001", "1995-1826-0002"]
+    assert [r["reference"].lower() for r in sorted(rows, key=lambda r: r["id"])] == [u.text for u in clips]
