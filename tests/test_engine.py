@@ -13,7 +13,7 @@ import torch
 
 from speech_redundancy import compress as ops
 from speech_redundancy.data.records import Utterance, Word
-from speech_redundancy.engine import CompressionError, compression
+from speech_redundancy.engine import CompressionError, audio_hidden_states, compression
 from speech_redundancy.models import qwen2audio as q
 from speech_redundancy.models.base import Point, Request
 
@@ -409,3 +409,31 @@ def test_generic_adapter_on_other_audio_llms(family):
     assert torch.equal(torch.stack(same.logits), torch.stack(ref.logits))
     rec = s.records[0]
     assert rec.tokens_out < rec.tokens_in and squeezed.sequences.shape == ref.sequences.shape
+    states = audio_hidden_states(model, reach, batch)  # Fig. 3 on these families too
+    n_audio = int((batch["input_ids"] == 7).sum())
+    assert [tuple(h.shape) for h in states] == [(n_audio, 32)] * (reach.n_layers + 1)
+
+
+def test_hidden_states_are_the_audio_span_entering_each_layer(tiny, requests_):
+    """Fig. 3's input: the audio rows of what each decoder layer receives, uncompressed, plus the normed output."""
+    adapter, req = tiny["sdpa"], requests_[0]
+    seen = {}
+
+    def grab(layer_idx):
+        def hook(module, args, kwargs):
+            seen[layer_idx] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    handles = [adapter.reach.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(adapter.n_layers)]
+    try:
+        states = adapter.hidden_states(req)
+    finally:
+        for h in handles:
+            h.remove()
+    batch = adapter.inputs([req])
+    audio = batch["input_ids"][0] == adapter.reach.audio_token_id
+    assert len(states) == adapter.n_layers + 1
+    assert all(s.shape == (int(audio.sum()), adapter.shape.hidden) for s in states)
+    for i in range(adapter.n_layers):
+        assert torch.equal(states[i], seen[i][0, audio].float())
+    assert not torch.equal(states[-1], states[-2])  # the final norm was applied

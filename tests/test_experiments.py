@@ -296,3 +296,28 @@ def test_notebook_is_valid_and_its_cells_run(fake_outputs, monkeypatch, tmp_path
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), "redraw_figure.ipynb", "exec"), scope)
     assert list((fake_outputs / "figures").glob("redrawn_fig2_*.png"))
+
+
+# ------------------------------------------------------------------------------------------ GPU presets, tiny model
+GPU_RUN_PRESETS = [p for p in PRESETS if not p.endswith("_demo") and p != "cosine_dynamics"]
+
+
+@pytest.mark.parametrize("name", GPU_RUN_PRESETS)
+def test_gpu_presets_run_on_the_tiny_qwen2audio(name, two_clips, tmp_path):
+    """The Qwen2-Audio presets end to end (one clip, random tiny LSLM, layers moved into its 4-layer stack)."""
+    from speech_redundancy.runner import run
+
+    extra = ["method=dap_aggressive"] if name in ("main_results", "prefill_efficiency") else []
+    cfg = compose_hydra([f"experiment={name}", "model=tiny_qwen2audio", "data=manifest", f"data.manifest={two_clips}",
+                         "data.limit=1", "++data.buckets=null", "max_new_tokens=4", "layer=2", "++layer_deep=3", *extra])
+    summary = run(cfg, tmp_path / name)
+    assert summary["n_utterances"] == 1 and summary["n_failed"] == 0, name
+    assert 0 < summary["retention"] <= 1.0
+
+
+def test_cosine_dynamics_on_the_tiny_qwen2audio(two_clips, tmp_path):
+    out = analysis.main(["experiment=cosine_dynamics", "model=tiny_qwen2audio", "data=manifest",
+                         f"data.manifest={two_clips}", "data.sample=null", f"dynamics.out_dir={tmp_path}"])
+    rows = [json.loads(x) for x in (out / "dynamics.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]  # 4 LLM layers + the normed output
+    assert all(r["n_utterances"] == 2 and -1 <= r["global_mean"] <= 1 for r in rows)

@@ -14,8 +14,8 @@ Utterances are weighted equally (each number is averaged per utterance, then ove
 
 Model contract: the adapter exposes ``hidden_states(request) -> list[Tensor [T, d]]``, the uncompressed audio
 frames entering layer 0..L (index l = input of layer l; the last one the output), and ``token_rate``
-(tokens per second) for the word windows. ``WhisperModel`` implements it; an LSLM adapter implements it by
-returning the audio span of ``output_hidden_states``.
+(tokens per second) for the word windows. ``WhisperModel``, ``Qwen2AudioModel`` and ``HFAudioLLM`` implement it
+(the LSLMs through ``engine.audio_hidden_states``: the audio span of ``output_hidden_states``).
 
 Runner::
 

@@ -502,6 +502,20 @@ def compression(model: nn.Module, points: Sequence[Point], reach: Reach, *, span
 
 
 # ----------------------------------------------------------------------------- small tensor helpers
+def audio_hidden_states(model: nn.Module, reach: Reach, batch: dict[str, Tensor]) -> list[Tensor]:
+    """Uncompressed audio span of the hidden states of one sample (paper Fig. 3): entry l < L is the input of decoder
+    layer l (l = 0: the spliced input embeddings), entry L the stack's output after its final norm. float32, CPU."""
+    ids = batch["input_ids"]
+    if ids.shape[0] != 1:
+        raise ValueError(f"audio_hidden_states takes one sample, got a batch of {ids.shape[0]}")
+    audio = ids[0] == reach.audio_token_id
+    if not bool(audio.any()):
+        raise CompressionError(f"{reach.name}: the prompt holds no audio placeholder (token id {reach.audio_token_id})")
+    with torch.inference_mode():
+        out = model(**batch, output_hidden_states=True, use_cache=False)
+    return [h[0, audio.to(h.device)].float().cpu() for h in out.hidden_states]
+
+
 def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs

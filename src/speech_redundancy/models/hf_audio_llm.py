@@ -22,7 +22,7 @@ import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, check_points, compression, needs_spans
+from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, needs_spans
 from speech_redundancy.models.base import Output, Point, Request
 
 MAX_SECONDS = 30.0  # the Whisper-style feature extractors of these families pad or cut to one 30 s window
@@ -89,6 +89,10 @@ class HFAudioLLM:
         if "input_features" in batch:
             batch["input_features"] = batch["input_features"].to(self.model.dtype)
         return batch
+
+    def hidden_states(self, req: Request) -> list[torch.Tensor]:
+        """The audio tokens entering each LLM layer 0..L-1 and the final normed output, uncompressed (Fig. 3)."""
+        return audio_hidden_states(self.model, self.reach, self.inputs([req]))
 
     def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
         from speech_redundancy import compress as ops

@@ -22,7 +22,7 @@ import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, check_points, compression, needs_spans
+from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, needs_spans
 from speech_redundancy.models.base import Output, Point, Request
 
 HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
@@ -115,6 +115,10 @@ class Qwen2AudioModel:
             return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                     f"Audio 1: {AUDIO_SPAN}\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
         return AUDIO_SPAN + prompt
+
+    def hidden_states(self, req: Request) -> list[torch.Tensor]:
+        """The audio tokens entering each LLM layer 0..L-1 and the final normed output, uncompressed (Fig. 3)."""
+        return audio_hidden_states(self.model, self.reach, self.inputs([req]))
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
