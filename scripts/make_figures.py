@@ -113,32 +113,28 @@ def affinity(df, out, rep):
         rep.skip("Fig. 7 (sensitivity_window)", "no layer with affinity runs at two or more windows")
 
 
-def main_results(df, out, rep):
-    models = sorted(df["model"].unique()) if not df.empty else []
+def per_model_table(df, out, rep, build, stem, caption, what, reason, min_rows=1):
+    """One table per model from ``build(df, model)``; says what was skipped when no model has the data."""
     done = 0
-    for m in models:
-        t = ex.main_table(df, m)
-        if t.empty:
+    for m in (sorted(df["model"].unique()) if not df.empty else []):
+        t = build(df, m)
+        if len(t) < min_rows:
             continue
         done += 1
-        rep.wrote(ex.write_table(t, out, f"table1_main_{_slug(m)}",
-                                 f"Main results, {m}: FRR (%), WER (%) / BLEU per dataset"))
+        rep.wrote(ex.write_table(t, out, f"{stem}_{_slug(m)}", caption.format(model=m)))
     if not done:
-        rep.skip("Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)")
+        rep.skip(what, reason)
+
+
+def main_results(df, out, rep):
+    per_model_table(df, out, rep, ex.main_table, "table1_main", "Main results, {model}: FRR (%), WER (%) / BLEU per dataset",
+                    "Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)")
 
 
 def fixed_budget(df, out, rep):
-    models = sorted(df["model"].unique()) if not df.empty else []
-    done = 0
-    for m in models:
-        t = ex.fixed_budget_table(df, m)
-        if t.empty or len(t) < 2:
-            continue
-        done += 1
-        rep.wrote(ex.write_table(t, out, f"table3_fixed_budget_{_slug(m)}",
-                                 f"Fixed token budgets at layer 0, {m}: WER (%)"))
-    if not done:
-        rep.skip("Table 3 (fixed_budget)", "no speedup or fixed_ratio runs at layer 0")
+    per_model_table(df, out, rep, ex.fixed_budget_table, "table3_fixed_budget",
+                    "Fixed token budgets at layer 0, {model}: WER (%)", "Table 3 (fixed_budget)",
+                    "no speedup or fixed_ratio runs at layer 0", min_rows=2)
 
 
 def prefill(outputs, out, rep):

@@ -136,6 +136,23 @@ def _split_layers(layers: list[int]) -> list[list[int]]:
     return [layers[:cut], layers[cut:]]
 
 
+def _threshold_row(row, curves, vanilla: dict | None, prefix: str = "") -> None:
+    """WER (log) and retention against τ on one row of two axes; ``curves``: (label, colour, runs) per line."""
+    for label, c, runs in curves:
+        s = runs.sort_values("threshold")
+        row[0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=label)
+        row[1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=label)
+    _vanilla_line(row[0], vanilla, "wer")
+    _log_safe(row[0], [v for _, _, runs in curves for v in _pct(runs["wer"])])
+    row[0].set_ylabel(f"{prefix}WER (%)")
+    row[1].set_ylabel(f"{prefix}retention (%)")
+    row[1].set_ylim(0, 105)
+    for ax in row:
+        ax.set_xlabel("threshold τ")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+
+
 def sensitivity_layer(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
     """Figs. 6/8. ``d``: single-point affinity runs of one context/window/features over layers and thresholds.
     Early and deep layers (split at the largest gap in the layer list, else in half) get one row each."""
@@ -144,19 +161,8 @@ def sensitivity_layer(d: pd.DataFrame, stem: str | Path, title: str = "", vanill
     fig, axes = plt.subplots(len(parts), 2, figsize=(10, 3.4 * len(parts)), squeeze=False)
     for i, part in enumerate(parts):
         colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(part), 1)))
-        for c, layer in zip(colors, part):
-            s = d[d["layer"] == layer].sort_values("threshold")
-            axes[i][0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=f"l={layer}")
-            axes[i][1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=f"l={layer}")
-        _vanilla_line(axes[i][0], vanilla, "wer")
-        _log_safe(axes[i][0], list(_pct(d[d["layer"].isin(part)]["wer"])))
-        axes[i][0].set_ylabel("WER (%)")
-        axes[i][1].set_ylabel("retention (%)")
-        axes[i][1].set_ylim(0, 105)
-        for ax in axes[i]:
-            ax.set_xlabel("threshold τ")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+        curves = [(f"l={layer}", c, d[d["layer"] == layer]) for c, layer in zip(colors, part)]
+        _threshold_row(axes[i], curves, vanilla)
     fig.suptitle(title or "Layer sensitivity of Affinity Pooling")
     fig.tight_layout()
     return save(fig, stem)
@@ -170,19 +176,8 @@ def sensitivity_window(d: pd.DataFrame, stem: str | Path, title: str = "", vanil
         g = d[d["layer"] == layer]
         windows = sorted(int(w) for w in g["window"].unique())
         colors = plt.cm.cividis(np.linspace(0.1, 0.9, max(len(windows), 1)))
-        for c, w in zip(colors, windows):
-            s = g[g["window"] == w].sort_values("threshold")
-            axes[i][0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=f"ω={w}")
-            axes[i][1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=f"ω={w}")
-        _vanilla_line(axes[i][0], vanilla, "wer")
-        _log_safe(axes[i][0], list(_pct(g["wer"])))
-        axes[i][0].set_ylabel(f"l={layer}: WER (%)")
-        axes[i][1].set_ylabel(f"l={layer}: retention (%)")
-        axes[i][1].set_ylim(0, 105)
-        for ax in axes[i]:
-            ax.set_xlabel("threshold τ")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+        _threshold_row(axes[i], [(f"ω={w}", c, g[g["window"] == w]) for c, w in zip(colors, windows)], vanilla,
+                       prefix=f"l={layer}: ")
     fig.suptitle(title or "Lookback window ablation")
     fig.tight_layout()
     return save(fig, stem)
