@@ -106,8 +106,9 @@ def _empty(x: Tensor) -> Compressed:
 def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     """Mean-pool ``x`` [T, d] over ``groups`` [T] (ids 0..T'-1, non-decreasing over kept tokens, -1 = drop).
 
-    Groups of one token are copied exactly; others are summed in order (``embedding_bag`` in sum mode, one pass
-    over the rows) in float32 (float64 for float64 input) and divided by their size.
+    Groups of one token are copied exactly; the others are averaged as the in-order sum of their rows each
+    weighted by 1/size (``embedding_bag`` with per-sample weights: one pass over the rows), in float32 (float64 for
+    float64 input); this differs from sum-then-divide by at most a few ulps.
     """
     g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
     g = g.astype(np.int64, copy=False)
@@ -131,10 +132,12 @@ def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     else:
         acc = _acc_dtype(x.dtype)
         src = x if x.dtype == acc else x.to(acc)
-        # group sums in one fused pass: each group is a contiguous "bag" of kept rows starting at offset `first`
-        tokens = torch.nn.functional.embedding_bag(torch.from_numpy(kept).to(device), src,
-                                                   torch.from_numpy(first).to(device), mode="sum")
-        tokens.div_(torch.from_numpy(counts).to(device=device, dtype=acc).unsqueeze(1))
+        # group means in one fused pass: each group is a contiguous "bag" of kept rows starting at offset `first`,
+        # every row weighted by 1 / its group's size
+        weights = np.repeat(1.0 / counts, counts)
+        tokens = torch.nn.functional.embedding_bag(
+            torch.from_numpy(kept).to(device), src, torch.from_numpy(first).to(device), mode="sum",
+            per_sample_weights=torch.from_numpy(weights).to(device=device, dtype=acc))
         tokens = tokens.to(x.dtype)
     return Compressed(tokens, groups_t, positions_t)
 
