@@ -15,14 +15,14 @@ Audio Flamingo 3 25 (pooled by 2, as Qwen2-Audio).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, needs_spans
+from speech_redundancy.engine import Reach, audio_hidden_states, check_points, needs_spans
+from speech_redundancy.models.lslm import generate_batch
 from speech_redundancy.models.base import Output, Point, Request
 
 MAX_SECONDS = 30.0  # the Whisper-style feature extractors of these families pad or cut to one 30 s window
@@ -95,38 +95,14 @@ class HFAudioLLM:
         return audio_hidden_states(self.model, self.reach, self.inputs([req]))
 
     def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
-        from speech_redundancy import compress as ops
-
         self.check_points(points)
         for req in requests:
             self.check_request(req, points)
+        tok = getattr(self.processor, "tokenizer", self.processor)
         outs: list[Output] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
-            batch = self.inputs(chunk)
-            n_audio = (batch["input_ids"] == self.reach.audio_token_id).sum(1).tolist()
-            spans = None
-            if any(needs_spans(p) for p in points):
-                spans = [ops.spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words],
-                                              self.token_rate, n) for r, n in zip(chunk, n_audio)]
-            tok = getattr(self.processor, "tokenizer", self.processor)
-            t0 = time.perf_counter()
-            with compression(self.model, points, self.reach, spans=spans, seeds=[r.seed for r in chunk],
-                             positions=self.positions, pool_early_kv=self.pool_early_kv) as session, \
-                    torch.inference_mode():
-                ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            seconds = time.perf_counter() - t0
-            new = ids[:, batch["input_ids"].shape[1]:]
-            texts = tok.batch_decode(new, skip_special_tokens=True)
-            for b, rec in enumerate(session.records):
-                stats = efficiency.utterance_stats(rec, self.shape,
-                                                   bytes_per_value=torch.finfo(self.model.dtype).bits // 8)
-                stats.update(seconds=seconds, batch_size=len(chunk), ttft_seconds=session.ttft_seconds,
-                             peak_memory_bytes=session.peak_memory_bytes,
-                             memory_increment_bytes=session.memory_increment_bytes)
-                outs.append(Output(text=texts[b].strip(), tokens_in=rec.tokens_in, tokens_out=rec.tokens_out,
-                                   tokens_per_point=list(rec.tokens_per_point), groups=[list(g) for g in rec.groups],
-                                   stats=stats))
+            outs += generate_batch(self, chunk, self.inputs(chunk), points, max_new_tokens, tokenizer=tok)
         return outs
 
 

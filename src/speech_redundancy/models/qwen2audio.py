@@ -16,13 +16,13 @@ Whisper feature extractor (128 mels), so the processor, prompts and generate run
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, needs_spans
+from speech_redundancy.engine import Reach, audio_hidden_states, check_points, needs_spans
+from speech_redundancy.models.lslm import generate_batch
 from speech_redundancy.models.base import Output, Point, Request
 
 HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
@@ -142,41 +142,10 @@ class Qwen2AudioModel:
         return batch
 
     def _generate_batch(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
-        from speech_redundancy import compress as ops
-
-        batch = self.inputs(requests)
-        n_audio = (batch["input_ids"] == self.reach.audio_token_id).sum(1).tolist()
-        spans = None
-        if any(needs_spans(p) for p in points):
-            spans = [ops.spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words],
-                                          self.token_rate, n) for r, n in zip(requests, n_audio)]
         tok = self.processor.tokenizer
-        t0 = time.perf_counter()
-        with compression(self.model, points, self.reach, spans=spans, seeds=[r.seed for r in requests],
-                         positions=self.positions, pool_early_kv=self.pool_early_kv) as session, torch.inference_mode():
-            ids = self.model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id,
-            )
-        seconds = time.perf_counter() - t0
-        new = ids[:, batch["input_ids"].shape[1]:]
-        texts = tok.batch_decode(new, skip_special_tokens=True)
-        bytes_per_value = torch.finfo(self.model.dtype).bits // 8
-        outs = []
-        for b, (req, rec) in enumerate(zip(requests, session.records)):
-            stats = efficiency.utterance_stats(rec, self.shape, encoder=self.encoder_shape,
-                                               bytes_per_value=bytes_per_value)
-            stats.update(
-                seconds=seconds, batch_size=len(requests), ttft_seconds=session.ttft_seconds,
-                peak_memory_bytes=session.peak_memory_bytes, memory_increment_bytes=session.memory_increment_bytes,
-                kv_cache_bytes_batch=session.kv_bytes,
-                new_tokens=int((new[b] != tok.pad_token_id).sum()),
-            )
-            outs.append(Output(
-                text=texts[b].strip(), tokens_in=rec.tokens_in, tokens_out=rec.tokens_out,
-                tokens_per_point=list(rec.tokens_per_point), groups=[list(g) for g in rec.groups], stats=stats,
-            ))
-        return outs
+        return generate_batch(self, requests, self.inputs(requests), points, max_new_tokens, tokenizer=tok,
+                              encoder_shape=self.encoder_shape, temperature=None, top_p=None, top_k=None,
+                              pad_token_id=tok.pad_token_id)
 
 
 def _task_prompt(family: str, req: Request) -> str:
