@@ -116,7 +116,8 @@ def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
         raise ValueError(f"groups must have shape ({x.shape[0]},), got {g.shape}")
     kept = np.flatnonzero(g >= 0)
     gk = g[kept]
-    if gk.size and (gk[0] != 0 or np.any(np.diff(gk) > 1) or np.any(np.diff(gk) < 0)):
+    step = np.diff(gk)
+    if gk.size and (gk[0] != 0 or np.any((step < 0) | (step > 1))):
         raise ValueError("groups must number kept tokens 0, 1, 2, ... in temporal order (steps of 0 or 1)")
     if np.any(g < -1):
         raise ValueError("groups must be >= -1 (-1 = dropped)")
@@ -665,8 +666,8 @@ OPERATORS: dict[str, Callable[..., Compressed]] = {
     "attention_prune": attention_prune,
 }
 
-_ORACLE = ("random_drop", "uniform_drop", "uniform_merge")
-_SIMILARITY = ("affinity", "affinity_budget", "adjacent_merge", "group_merge")
+ORACLE_OPERATORS = ("random_drop", "uniform_drop", "uniform_merge")  # keep R per word window, or a ratio K
+SIMILARITY_OPERATORS = ("affinity", "affinity_budget", "adjacent_merge", "group_merge")  # take features=
 # operator -> (required params, optional params)
 _PARAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "none": ((), ()),
@@ -692,14 +693,14 @@ def validate(operator: str, *, strict: bool = False, **params: Any) -> None:
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(OPERATORS)}")
     required, optional = _PARAMS[operator]
-    allowed = set(required) | set(optional) | ({"features"} if operator in _SIMILARITY else set())
+    allowed = set(required) | set(optional) | ({"features"} if operator in SIMILARITY_OPERATORS else set())
     unexpected = sorted(set(params) - allowed)
     if unexpected:
         raise ValueError(f"{operator} got unexpected parameter(s) {unexpected}; allowed: {sorted(allowed) or 'none'}")
     missing = [k for k in required if params.get(k) is None]
     if missing:
         raise ValueError(f"{operator} needs parameter(s) {missing}")
-    if operator in _ORACLE:
+    if operator in ORACLE_OPERATORS:
         has_budget, has_ratio = params.get("budget") is not None, params.get("ratio") is not None
         if has_budget == has_ratio:
             raise ValueError(f"{operator} needs either budget (with word spans) or ratio, not both or neither")
@@ -744,10 +745,10 @@ def compress(
     ignore the keywords they do not use.
     """
     validate(operator, **params)
-    if operator in _SIMILARITY:
+    if operator in SIMILARITY_OPERATORS:
         features = _resolve_features(x, features)
         return OPERATORS[operator](x, features=features, **params)
-    if operator in _ORACLE:
+    if operator in ORACLE_OPERATORS:
         extra = {"seed": seed} if operator == "random_drop" else {}
         spans = spans if params.get("budget") is not None else None
         return OPERATORS[operator](x, spans=spans, **params, **extra)

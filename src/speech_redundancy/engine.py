@@ -46,6 +46,7 @@ token pays to it at layer l-1, averaged over heads: this needs eager attention a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from contextlib import contextmanager
@@ -61,8 +62,8 @@ from speech_redundancy.models.base import Point
 
 POSITIONS = ("first", "centroid", "renumber")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-FEATURE_OPERATORS = ("affinity", "affinity_budget", "adjacent_merge", "group_merge")  # take features=...
-ORACLE_OPERATORS = ("random_drop", "uniform_drop", "uniform_merge")  # need word spans when given a budget
+FEATURE_OPERATORS = ops.SIMILARITY_OPERATORS  # take features=...
+ORACLE_OPERATORS = ops.ORACLE_OPERATORS  # need word spans when given a budget
 
 
 class CompressionError(ValueError):
@@ -99,10 +100,16 @@ class Reach:
 
 
 # ----------------------------------------------------------------------------- checks (before any compute)
+@functools.lru_cache(maxsize=None)
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (signatures are read once: masks are rebuilt every decode step)."""
+    return name in inspect.signature(fn).parameters
+
+
 def operator_takes(operator: str, name: str) -> bool:
     """Whether operator ``operator`` of ``compress.OPERATORS`` has a parameter ``name``."""
-    fn = getattr(ops, "OPERATORS", {}).get(operator)
-    return fn is not None and name in inspect.signature(fn).parameters
+    fn = ops.OPERATORS.get(operator)
+    return fn is not None and _takes(fn, name)
 
 
 def needs_spans(point: Point) -> bool:
@@ -111,7 +118,7 @@ def needs_spans(point: Point) -> bool:
 
 
 def needs_scores(point: Point) -> bool:
-    return operator_takes(point.operator, "scores") and point.operator not in FEATURE_OPERATORS
+    return operator_takes(point.operator, "scores")
 
 
 def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "first", pool_early_kv: bool = False) -> None:
@@ -126,17 +133,15 @@ def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "fir
                 f"layer={p.layer} is beyond {reach.name}'s decoder stack of {n} layers: allowed 0..{n - 1} "
                 "(0 = the spliced input embeddings)"
             )
-        operators = getattr(ops, "OPERATORS", None)
-        if operators is not None and p.operator not in operators:
-            raise CompressionError(f"operator={p.operator!r} is unknown; allowed: {', '.join(sorted(operators))}")
+        if p.operator not in ops.OPERATORS:
+            raise CompressionError(f"operator={p.operator!r} is unknown; allowed: {', '.join(sorted(ops.OPERATORS))}")
         mode = p.params.get("features", "hidden")
-        if mode not in ("hidden", "normed", "centered", "keys"):
+        if mode not in ops.FEATURE_MODES:
             raise CompressionError(f"features={mode!r} is not allowed; use hidden, normed, centered or keys")
-        if hasattr(ops, "validate"):
-            try:
-                ops.validate(p.operator, **{k: v for k, v in p.params.items() if k != "features"})
-            except (TypeError, ValueError) as e:
-                raise CompressionError(f"layer={p.layer}: {e}") from None
+        try:
+            ops.validate(p.operator, **{k: v for k, v in p.params.items() if k != "features"})
+        except (TypeError, ValueError) as e:
+            raise CompressionError(f"layer={p.layer}: {e}") from None
         if needs_scores(p):
             if p.layer == 0:
                 raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has none")
@@ -343,9 +348,10 @@ class Session:
         mode = params.pop("features", "hidden")
         scores = st.get("scores", {}).get(self.reach.attention(self.reach.layers[i - 1])) if needs_scores(point) else None
         plans, tokens, per_sample = [], [], []
+        all_real = torch.ones(T, dtype=torch.bool, device=device) if st["pad"] is None else None
         for b in range(B):
             t0 = time.perf_counter()
-            real = st["pad"][b] if st["pad"] is not None else torch.ones(T, dtype=torch.bool, device=device)
+            real = st["pad"][b] if st["pad"] is not None else all_real
             audio = st["audio"][b]
             aidx = audio.nonzero().squeeze(1)
             tidx = (~audio & real).nonzero().squeeze(1)
@@ -587,6 +593,6 @@ def _make_mask(kind: str, config, hidden: Tensor, pad2d: Tensor | None, cache, l
 
     fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
     kwargs = {"config": config, "inputs_embeds": hidden, "attention_mask": pad2d, "cache": cache, "position_ids": None}
-    if "layer_idx" in inspect.signature(fn).parameters:
+    if _takes(fn, "layer_idx"):
         kwargs["layer_idx"] = layer_idx
     return fn(**kwargs)

@@ -23,6 +23,7 @@ import torch
 
 from speech_redundancy import compress as ops
 from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.engine import needs_spans
 from speech_redundancy.models.base import Output, Point, Request
 
 FRAMES_PER_SECOND = 50  # Whisper encoder frames per second (conv stem stride 2 over 100 mel frames/s)
@@ -89,8 +90,7 @@ class WhisperModel:
         if duration > 30.0:
             raise ValueError(f"{req.utt.id}: {duration:.1f} s of audio; Whisper takes at most 30 s per utterance")
         n_utt = min(self.max_frames, frames_for(duration))
-        needs_words = any(p.operator in ("random_drop", "uniform_drop", "uniform_merge") and "budget" in p.params
-                          for p in points)
+        needs_words = any(needs_spans(p) for p in points)
         state = _State(
             request=req,
             points=points,
@@ -186,7 +186,7 @@ class WhisperModel:
         params = dict(point.params)
         mode = params.pop("features", "hidden")
         feats = None
-        if point.operator in _FEATURE_OPERATORS and mode != "hidden":
+        if point.operator in ops.SIMILARITY_OPERATORS and mode != "hidden":
             feats = self._features(utt, mode, layer)
         spans = None
         if state.word_spans is not None and "budget" in params:
@@ -210,8 +210,6 @@ class WhisperModel:
         return ops.similarity_features(utt, mode, norm=norm)
 
 
-_FEATURE_OPERATORS = ("affinity", "affinity_budget", "adjacent_merge", "group_merge")
-
 
 def load(cfg) -> WhisperModel:
     """Build the adapter from a ``conf/model/whisper_*.yaml`` node (weights converted offline on first use)."""
@@ -230,5 +228,3 @@ def load(cfg) -> WhisperModel:
 def frames_for(seconds: float) -> int:
     """Encoder frames that carry ``seconds`` of audio (capped at the 30 s window)."""
     return int(min(1500, max(1, math.ceil(FRAMES_PER_SECOND * seconds))))
-
-
