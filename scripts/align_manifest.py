@@ -13,8 +13,6 @@ Montreal Forced Aligner users: ``scripts/align_mfa.sh`` and ``data.align_root`` 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,19 +23,7 @@ from tqdm import tqdm  # noqa: E402
 from speech_redundancy.audio import AudioError, load_audio  # noqa: E402
 from speech_redundancy.data.align import AlignmentError, align  # noqa: E402
 from speech_redundancy.data.records import Utterance, Word, read_manifest, write_manifest  # noqa: E402
-
-
-def _done(partial: Path) -> dict[str, dict]:
-    """Rows already aligned by an earlier, interrupted run (a torn last line is ignored)."""
-    rows: dict[str, dict] = {}
-    if partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[row["id"]] = row
-    return rows
+from speech_redundancy.results import ResultsLog  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,27 +37,23 @@ def main(argv: list[str] | None = None) -> int:
 
     utts = read_manifest(args.manifest)
     partial = args.out.with_name(args.out.name + ".partial")
-    done = _done(partial)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log = ResultsLog(partial)  # rows of an interrupted earlier run; a torn last line is skipped and repaired
     failures: list[str] = []
     timed = total = 0
-    with partial.open("a", encoding="utf-8") as log:
+    try:
         for u in tqdm(utts, desc="pocketsphinx alignment", unit="utt"):
-            if (u.words and not args.force) or not u.language.startswith("en"):
+            if (u.words and not args.force) or not u.language.startswith("en") or u.id in log.rows:
                 continue
-            row = done.get(u.id)
-            if row is None:
-                try:
-                    result = align(load_audio(u.audio), u.text, name=f"{u.id} ({u.audio})")
-                    row = {"id": u.id, "words": [vars(w) for w in result.words], "aligned": result.aligned}
-                except (AlignmentError, AudioError) as e:
-                    if args.on_error == "raise":
-                        raise SystemExit(f"error: {e}")
-                    row = {"id": u.id, "error": str(e)}
-                log.write(json.dumps(row, ensure_ascii=False) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-            done[u.id] = row
+            try:
+                result = align(load_audio(u.audio), u.text, name=f"{u.id} ({u.audio})")
+                log.append({"id": u.id, "words": [vars(w) for w in result.words], "aligned": result.aligned})
+            except (AlignmentError, AudioError) as e:
+                if args.on_error == "raise":
+                    raise SystemExit(f"error: {e}")
+                log.append({"id": u.id, "error": str(e)})
+    finally:
+        log.close()
+    done = log.rows
     out: list[Utterance] = []
     for u in utts:
         row = done.get(u.id)

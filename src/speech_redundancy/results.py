@@ -21,9 +21,9 @@ from typing import Any, Iterable
 PACKAGES = ("torch", "transformers", "hydra-core", "jiwer", "sacrebleu", "numpy", "speech_redundancy")
 
 
-def read_rows(path: Path, *, strict: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Read a JSONL results file; malformed lines are reported as ``file:line: reason`` and skipped
-    (``strict=True`` raises instead). A missing file reads as empty."""
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read a JSONL results file; malformed lines are reported as ``file:line: reason`` and skipped.
+    A missing file reads as empty."""
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     if not path.exists():
@@ -37,10 +37,7 @@ def read_rows(path: Path, *, strict: bool = False) -> tuple[list[dict[str, Any]]
                 if not isinstance(row, dict) or "id" not in row:
                     raise ValueError("not an object with an 'id'")
             except (UnicodeDecodeError, ValueError) as e:
-                msg = f"{path}:{i}: malformed result line skipped ({e})"
-                if strict:
-                    raise ValueError(msg) from None
-                problems.append(msg)
+                problems.append(f"{path}:{i}: malformed result line skipped ({e})")
                 continue
             rows.append(row)
     return rows, problems
@@ -88,7 +85,8 @@ class ResultsLog:
         """Close and compact the file to one row per id (in ``order`` where given), atomically."""
         self._f.close()
         ids = list(self.rows) if order is None else [i for i in order if i in self.rows]
-        ids += [i for i in self.rows if i not in set(ids)]
+        listed = set(ids)
+        ids += [i for i in self.rows if i not in listed]
         write_jsonl(self.path, (self.rows[i] for i in ids))
 
 

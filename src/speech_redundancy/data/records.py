@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 
 @dataclass
@@ -96,7 +96,3 @@ def write_manifest(path: str | Path, utts: Iterable[Utterance]) -> None:
         for u in utts:
             f.write(json.dumps(u.to_json(root=path.parent), ensure_ascii=False) + "\n")
     tmp.replace(path)
-
-
-def iter_manifest(path: str | Path) -> Iterator[Utterance]:
-    yield from read_manifest(path)
