@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from speech_redundancy import efficiency  # noqa: E402
 from speech_redundancy.engine import compression  # noqa: E402
-from speech_redundancy.models import qwen2audio  # noqa: E402
+from speech_redundancy.models import lslm, qwen2audio  # noqa: E402
 from speech_redundancy.models.base import Point  # noqa: E402
 
 # Qwen/Qwen2-Audio-7B(-Instruct) config.json, the fields that shape compute
@@ -124,7 +124,7 @@ def measure(model, reach, batch, points, device):
 
 
 def run(args) -> list[dict]:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = lslm.device(args.device)
     if not args.tiny and device.type != "cuda":
         raise SystemExit("the 7B benchmark needs a GPU; use --tiny for a CPU smoke run")
     model, audio_id, bos, eos = build(args.tiny, device)

@@ -54,6 +54,7 @@ def time_stretch(
     src = np.concatenate([np.zeros(pad), x, np.zeros(pad + int(math.ceil(n_frames * hop * rate)) + frame)])
     out = np.zeros(n_frames * hop + frame)
     norm = np.zeros_like(out)
+    prev = pad  # where the previous frame was read (in src); set before frame 1 reads it
     for k in range(n_frames):
         nominal = pad + int(round(k * hop * rate))
         if k == 0:

@@ -15,36 +15,24 @@ Audio Flamingo 3 25 (pooled by 2, as Qwen2-Audio).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, audio_hidden_states, check_points, needs_spans
-from speech_redundancy.models.lslm import generate_batch
-from speech_redundancy.models.base import Output, Point, Request
+from speech_redundancy.engine import Reach, needs_spans
+from speech_redundancy.models import lslm
+from speech_redundancy.models.lslm import LSLMAdapter, stock_reach, task_prompt, weights_missing
+from speech_redundancy.models.base import Point, Request
 
 MAX_SECONDS = 30.0  # the Whisper-style feature extractors of these families pad or cut to one 30 s window
 
 
 def reach(model, name: str | None = None) -> Reach:
     """Where a stock ``*ForConditionalGeneration`` audio LLM keeps what the engine touches."""
-    inner = getattr(model, "model", None)
-    stack = getattr(inner, "language_model", None)
-    if stack is None or not hasattr(stack, "layers") or not hasattr(stack, "rotary_emb"):
-        raise ValueError(
-            f"{type(model).__name__}: no decoder stack with .layers and .rotary_emb at model.model.language_model; "
-            "this family needs its own adapter"
-        )
-    audio_id = getattr(model.config, "audio_token_id", None)
-    if audio_id is None:
-        raise ValueError(f"{type(model).__name__}: config has no audio_token_id")
-    return Reach(top=model, stack=stack, layers=stack.layers, audio_token_id=int(audio_id), text_config=stack.config,
-                 rotary=stack.rotary_emb, name=name or type(model).__name__)
+    return stock_reach(model, name)
 
 
-class HFAudioLLM:
+class HFAudioLLM(LSLMAdapter):
     """A stock transformers audio LLM with compression points in its LLM (``models.base.SpeechModel``)."""
 
     family = "hf_audio_llm"
@@ -63,9 +51,6 @@ class HFAudioLLM:
         self.n_layers = self.reach.n_layers
         self.shape = efficiency.DecoderShape.from_config(self.reach.text_config)
 
-    def check_points(self, points: list[Point]) -> None:
-        check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
-
     def check_request(self, req: Request, points: list[Point]) -> None:
         seconds = len(req.audio) / SAMPLE_RATE
         if seconds > MAX_SECONDS:
@@ -77,7 +62,7 @@ class HFAudioLLM:
         """Chat-template inputs (audio then the task prompt in one user turn), left-padded, on the model's device."""
         conversations = []
         for r in requests:
-            prompt = r.prompt if r.prompt is not None else _task_prompt(self.prompt_family, r)
+            prompt = r.prompt if r.prompt is not None else task_prompt(self.prompt_family, r)
             content = [{"type": "audio", "audio": r.audio}]
             if prompt:
                 content.append({"type": "text", "text": prompt})
@@ -90,28 +75,6 @@ class HFAudioLLM:
             batch["input_features"] = batch["input_features"].to(self.model.dtype)
         return batch
 
-    def hidden_states(self, req: Request) -> list[torch.Tensor]:
-        """The audio tokens entering each LLM layer 0..L-1 and the final normed output, uncompressed (Fig. 3)."""
-        return audio_hidden_states(self.model, self.reach, self.inputs([req]))
-
-    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
-        self.check_points(points)
-        for req in requests:
-            self.check_request(req, points)
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        outs: list[Output] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start:start + self.batch_size]
-            outs += generate_batch(self, chunk, self.inputs(chunk), points, max_new_tokens, tokenizer=tok)
-        return outs
-
-
-def _task_prompt(family: str, req: Request) -> str:
-    from speech_redundancy.prompts import get_prompt
-
-    return get_prompt(family, req.utt.task, source_lang=req.utt.language,
-                      target_lang=req.utt.extra.get("target_language"))
-
 
 def load(cfg) -> HFAudioLLM:
     """Build the adapter from a ``conf/model/*.yaml`` node with ``family: hf_audio_llm`` (local files only)."""
@@ -120,21 +83,14 @@ def load(cfg) -> HFAudioLLM:
     get = cfg.get
     path = str(get("path"))
     dtype = getattr(torch, get("dtype", "bfloat16"))
-    device = get("device", "auto")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    device = lslm.device(get("device", "auto"))
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         model_cls = _model_class(path)
         model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype,
                                           attn_implementation=get("attn_implementation", "sdpa"))
     except OSError:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        where = f"folder {path}" if Path(path).exists() else f"no folder {path!r}; Hugging Face cache {HF_HUB_CACHE}"
-        raise FileNotFoundError(
-            f"{get('name', path)} weights not found (looked in: {where}); on a connected machine run "
-            f"`huggingface-cli download {get('hub_id', path)} --local-dir <folder>`, then pass model.path=<folder>"
-        ) from None
+        raise weights_missing(get("name", path), path, get("hub_id", path)) from None
     return HFAudioLLM(model.to(device), processor, name=get("name", path), token_rate=float(get("token_rate")),
                       positions=get("positions", "first"), pool_early_kv=bool(get("pool_early_kv", False)),
                       batch_size=int(get("batch_size", 1)), prompt_family=get("prompt_family", "default"))

@@ -16,13 +16,13 @@ Whisper feature extractor (128 mels), so the processor, prompts and generate run
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, audio_hidden_states, check_points, needs_spans
-from speech_redundancy.models.lslm import generate_batch
+from speech_redundancy.engine import Reach, needs_spans
+from speech_redundancy.models import lslm
+from speech_redundancy.models.lslm import LSLMAdapter, generate_batch, stock_reach, task_prompt, weights_missing
 from speech_redundancy.models.base import Output, Point, Request
 
 HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
@@ -36,16 +36,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>"
 
 def reach(model) -> Reach:
     """Where Qwen2-Audio keeps what the engine touches."""
-    stack = model.model.language_model
-    return Reach(
-        top=model,
-        stack=stack,
-        layers=stack.layers,
-        audio_token_id=model.config.audio_token_id,
-        text_config=stack.config,
-        rotary=stack.rotary_emb,
-        name="Qwen2-Audio",
-    )
+    return stock_reach(model, "Qwen2-Audio")
 
 
 def audio_tokens_for(n_samples: int) -> int:
@@ -54,7 +45,7 @@ def audio_tokens_for(n_samples: int) -> int:
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-class Qwen2AudioModel:
+class Qwen2AudioModel(LSLMAdapter):
     """A Qwen2-Audio checkpoint with compression points in its LLM (implements ``models.base.SpeechModel``)."""
 
     family = "qwen2audio"
@@ -78,9 +69,6 @@ class Qwen2AudioModel:
         self.processor.tokenizer.padding_side = "left"
 
     # ------------------------------------------------------------------ checks (before any compute)
-    def check_points(self, points: list[Point]) -> None:
-        check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
-
     def check_request(self, req: Request, points: list[Point]) -> None:
         seconds = len(req.audio) / SAMPLE_RATE
         if seconds > MAX_SECONDS:
@@ -108,7 +96,7 @@ class Qwen2AudioModel:
         already places the audio itself)."""
         prompt = req.prompt
         if prompt is None:
-            prompt = _task_prompt(self.prompt_family, req)
+            prompt = task_prompt(self.prompt_family, req)
         if AUDIO_TOKEN in prompt:
             return prompt
         if self.chat:
@@ -116,21 +104,7 @@ class Qwen2AudioModel:
                     f"Audio 1: {AUDIO_SPAN}\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
         return AUDIO_SPAN + prompt
 
-    def hidden_states(self, req: Request) -> list[torch.Tensor]:
-        """The audio tokens entering each LLM layer 0..L-1 and the final normed output, uncompressed (Fig. 3)."""
-        return audio_hidden_states(self.model, self.reach, self.inputs([req]))
-
     # ------------------------------------------------------------------ generation
-    def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
-        """Greedy decoding of each request with ``points`` applied during prefill (``batch_size`` at a time)."""
-        self.check_points(points)
-        for req in requests:
-            self.check_request(req, points)
-        outs: list[Output] = []
-        for start in range(0, len(requests), self.batch_size):
-            outs += self._generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)
-        return outs
-
     def inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         """Processor outputs for a batch (left-padded), on the model's device."""
         batch = self.processor(
@@ -148,16 +122,6 @@ class Qwen2AudioModel:
                               pad_token_id=tok.pad_token_id)
 
 
-def _task_prompt(family: str, req: Request) -> str:
-    """The task prompt from ``speech_redundancy.prompts`` (built-in ASR default if that module is absent)."""
-    try:
-        from speech_redundancy.prompts import get_prompt
-    except ImportError:  # pragma: no cover - prompts.py ships with the project
-        return f"Detect the language and recognize the speech: <|{req.utt.language}|>"
-    task = req.utt.task
-    return get_prompt(family, task, source_lang=req.utt.language, target_lang=req.utt.extra.get("target_language"))
-
-
 # ----------------------------------------------------------------------------- loading
 def load(cfg) -> Qwen2AudioModel:
     """Build the adapter from a ``conf/model/*qwen2audio*.yaml`` node (DictConfig or dict)."""
@@ -165,7 +129,7 @@ def load(cfg) -> Qwen2AudioModel:
     if get("num_threads"):
         torch.set_num_threads(int(get("num_threads")))
     attn = get("attn_implementation", "sdpa")
-    device = _device(get("device", "auto"))
+    device = lslm.device(get("device", "auto"))
     dtype = getattr(torch, get("dtype", "bfloat16"))
     if get("tiny", False):
         model, processor = build_tiny(seed=int(get("seed", 0)), n_layers=int(get("n_layers", 4)),
@@ -186,12 +150,6 @@ def load(cfg) -> Qwen2AudioModel:
     )
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _from_pretrained(path: str, dtype, attn: str, device):
     """Processor and model from a local folder or the Hugging Face cache; never the network."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
@@ -202,13 +160,7 @@ def _from_pretrained(path: str, dtype, attn: str, device):
             path, local_files_only=True, dtype=dtype, attn_implementation=attn
         )
     except OSError:
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        where = f"folder {path}" if Path(path).exists() else f"no folder {path!r}; Hugging Face cache {HF_HUB_CACHE}"
-        raise FileNotFoundError(
-            f"Qwen2-Audio weights not found (looked in: {where}); on a connected machine run "
-            f"`huggingface-cli download {HUB_ID} --local-dir <folder>`, then pass model.path=<folder>"
-        ) from None
+        raise weights_missing("Qwen2-Audio", path, HUB_ID) from None
     return model.to(device), processor
 
 
