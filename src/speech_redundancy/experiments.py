@@ -17,7 +17,6 @@ The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from speech_redundancy import metrics
-from speech_redundancy.results import latest_by_id, read_rows
+from speech_redundancy.results import fingerprint, latest_by_id, read_rows
 
 SHARD_KEYS = ("shard_index", "shard_count")
 OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
@@ -53,7 +52,7 @@ def experiment_of(path: Path) -> str | None:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return fingerprint(obj)[:10]
 
 
 def _without_shard(data: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +159,7 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     """The logical runs under ``root`` and one line per problem met on the way (see module docstring)."""
     problems: list[str] = []
     groups: dict[str, Run] = {}
+    shard_of: dict[Path, int] = {}
     for d in find_run_dirs(root):
         try:
             meta = json.loads((d / "run.json").read_text(encoding="utf-8"))
@@ -167,6 +167,7 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         except (OSError, ValueError, KeyError) as e:
             problems.append(f"{d}/run.json: unreadable, run skipped ({e})")
             continue
+        shard_of[d] = _shard_index(settings)
         key = run_key(settings)
         run = groups.setdefault(key, Run(key=key, settings=settings, dirs=[]))
         run.dirs.append(d)
@@ -182,7 +183,7 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
             rows.extend(got)
         run.rows = list(latest_by_id(rows).values())
         count = int((run.settings.get("data") or {}).get("shard_count") or 1)
-        shards = {int(_shard_of(d, run)) for d in run.dirs}
+        shards = {shard_of[d] for d in run.dirs}
         if count > 1 and len(shards) < count:
             run.complete = False
             problems.append(f"{run.dirs[0]}: {len(shards)} of {count} shards found ({sorted(shards)})")
@@ -197,10 +198,10 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     return runs, problems
 
 
-def _shard_of(d: Path, run: Run) -> int:
+def _shard_index(settings: dict[str, Any]) -> int:
     try:
-        return int(json.loads((d / "run.json").read_text())["settings"]["data"].get("shard_index") or 0)
-    except (OSError, ValueError, KeyError, AttributeError):
+        return int(settings["data"].get("shard_index") or 0)
+    except (KeyError, AttributeError, TypeError, ValueError):
         return 0
 
 
@@ -251,8 +252,7 @@ def _not_aux(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def vanilla_of(df: pd.DataFrame, context: str) -> dict[str, Any] | None:
-    v = _sel(df, intervention="none", context=context)
-    return None if v.empty else v.sort_values("n", ascending=False).iloc[0].to_dict()
+    return _best(_sel(df, intervention="none", context=context))
 
 
 def contexts(df: pd.DataFrame) -> list[str]:
@@ -340,7 +340,7 @@ def _single(df: pd.DataFrame, model: str, data: str, layer: int, threshold: floa
         return None
     d = d[(d["layer"] == layer) & (d["threshold"].astype(float).round(3) == round(float(threshold), 3))
           & (d["window"] == window) & (d["features"] == features)]
-    return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
+    return _best(d)
 
 
 def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -390,6 +390,7 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
 
 
 def _best(d: pd.DataFrame) -> dict | None:
+    """The row with the most utterances (the same setting may exist in several experiments' folders)."""
     return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
 
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
+from speech_redundancy.experiments import OPERATOR_NAMES  # noqa: E402
 
 
 def save(fig, stem: str | Path) -> list[Path]:
