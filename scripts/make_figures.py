@@ -184,9 +184,13 @@ def groups(df, runs, out, rep):
         key = (ex.context_key(r.settings), p["operator"], json.dumps(params, sort_keys=True))
         by_key.setdefault(key, []).append(r)
     all_ctx = sorted({k[0] for k in by_key})
+    words_by_data: dict[str, dict] = {}  # one dataset read per data selection, not per plotted setting
     for (ctx, op, params), rs in by_key.items():
         name = ex.context_name(df, ctx, all_ctx)
-        words_of = _words(rs[0].settings, rep)
+        data_key = json.dumps(rs[0].settings.get("data") or {}, sort_keys=True, default=str)
+        if data_key not in words_by_data:
+            words_by_data[data_key] = _words(rs[0].settings, rep)
+        words_of = words_by_data[data_key]
         rate = float((rs[0].settings.get("model") or {}).get("token_rate") or 50)
         ids = sorted(set.intersection(*[{row["id"] for row in r.rows if row.get("groups")} for r in rs]))
         for uid in ids[:5]:
