@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from speech_redundancy.data.corpora import load_librispeech  # noqa: E402
+from speech_redundancy.data.dataset import load_dataset  # noqa: E402
 from speech_redundancy.data.records import write_manifest  # noqa: E402
 from speech_redundancy.data.textgrid import coverage  # noqa: E402
 from speech_redundancy.paths import cache_dir  # noqa: E402
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     args = p.parse_args(argv)
 
-    failures: list[dict] = []
-    utts = load_librispeech(args.root, args.split, args.align_root, args.on_error, failures)
+    utts, failures = load_dataset({"name": "librispeech", "root": args.root, "split": args.split,
+                                   "align_root": args.align_root, "on_error": args.on_error})
     out = Path(args.out) if args.out else cache_dir() / "manifests" / f"librispeech-{args.split}.jsonl"
     write_manifest(out, utts)
     hours = sum(u.duration for u in utts) / 3600

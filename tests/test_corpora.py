@@ -205,7 +205,8 @@ def test_librispeech_with_mfa_alignments(tmp_path):
     align = tmp_path / "mfa_out"
     (align / "1089").mkdir(parents=True)
     (align / "1089" / "1089-134686-0000.TextGrid").write_text(textgrid_long(STEW, 1.0))
-    utts = load_librispeech(tmp_path, "test-clean", align_root=align)
+    cfg = {"name": "librispeech", "root": str(tmp_path), "split": "test-clean", "align_root": str(align)}
+    utts, _ = load_dataset(cfg)
     u = {x.id: x for x in utts}
     assert [w.word for w in u["1089-134686-0000"].words][-1] == "dinner"
     assert u["121-121726-0000"].words is None
@@ -213,9 +214,8 @@ def test_librispeech_with_mfa_alignments(tmp_path):
     # mismatch: the file is named, or with skip the utterance stays, unaligned, and the problem is listed
     (align / "1089" / "1089-134686-0001.TextGrid").write_text(textgrid_long(STEW, 1.5))
     with pytest.raises(AlignmentError, match=r"1089-134686-0001\.TextGrid: TextGrid words do not match"):
-        load_librispeech(tmp_path, "test-clean", align_root=align)
-    failures = []
-    utts = load_librispeech(tmp_path, "test-clean", align_root=align, on_error="skip", failures=failures)
+        load_dataset(cfg)
+    utts, failures = load_dataset({**cfg, "on_error": "skip"})
     assert len(utts) == 3 and [f["id"] for f in failures] == ["1089-134686-0001"]
     assert {x.id: x for x in utts}["1089-134686-0001"].words is None
 

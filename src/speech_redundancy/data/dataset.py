@@ -71,7 +71,7 @@ def _hf(c: dict, on_error: str, failures: list) -> list[Utterance]:
 
 LOADERS: dict[str, Callable[[dict, str, list], list[Utterance]]] = {
     "demo": _demo,
-    "librispeech": lambda c, e, f: load_librispeech(_path(c, "root", "LibriSpeech folder"), c.get("split") or "test-clean", None, e, f),
+    "librispeech": lambda c, e, f: load_librispeech(_path(c, "root", "LibriSpeech folder"), c.get("split") or "test-clean", e, f),
     "kespeech": lambda c, e, f: load_kespeech(_path(c, "root", "KeSpeech folder"), c.get("split") or "test", e, f),
     "covost2": _covost2,
     "sdqa": lambda c, e, f: load_sdqa(_path(c, "root", "voicebench folder"), c.get("split") or "usa", c.get("audio_dir"), e, f),

@@ -18,7 +18,6 @@ from speech_redundancy.data.corpora.common import (
     read_text,
 )
 from speech_redundancy.data.records import Utterance
-from speech_redundancy.data.textgrid import attach_alignments
 
 SPLITS = ("test-clean", "test-other", "dev-clean", "dev-other", "train-clean-100", "train-clean-360", "train-other-500")
 LAYOUT = "<root>/<split>/<speaker>/<chapter>/*.flac + <speaker>-<chapter>.trans.txt (root may also be the split folder)"
@@ -87,11 +86,11 @@ def _chapter(chapter: Path, split: str, on_error: str, failures: list[dict] | No
 def load_librispeech(
     root: str | Path,
     split: str = "test-clean",
-    align_root: str | Path | None = None,
     on_error: str = "raise",
     failures: list[dict] | None = None,
 ) -> list[Utterance]:
-    """Every utterance of ``split`` in id order; with ``align_root``, MFA word timings attached where present."""
+    """Every utterance of ``split`` in id order (MFA word timings: ``data.align_root``, attached by
+    :func:`speech_redundancy.data.dataset.load_dataset` for every corpus)."""
     check_on_error(on_error)
     split_dir = find_split(root, split)
     utts = []
@@ -101,6 +100,4 @@ def load_librispeech(
         utts += part or []
     if not utts and not failures:
         raise missing_root(split_dir, f"LibriSpeech {split}", LAYOUT)
-    if align_root is not None:
-        utts = attach_alignments(utts, align_root, on_error=on_error, failures=failures)
     return utts
