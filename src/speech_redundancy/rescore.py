@@ -33,6 +33,7 @@ from speech_redundancy.metrics import (
 )
 from speech_redundancy.normalize import CHAR_LANGUAGES
 from speech_redundancy.prompts import split_task
+from speech_redundancy.results import write_json
 
 REQUIRED = ("id", "task", "language", "status")
 REQUIRED_OK = ("reference", "hypothesis")
@@ -137,14 +138,21 @@ def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = Tr
         name = f"{task}/{lang}" + (f"2{tgt}" if task == "st" else "")
         scored[name] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path)
     summary = {"run_dir": str(run_dir), "n_rows": len(rows), "n_malformed": len(problems), "malformed": problems, "groups": scored}
-    (run_dir / "rescored.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+    write_json(run_dir / "rescored.json", _nan_to_none(summary))
     if not quiet:
         print(format_table(summary))
     return summary
 
 
-def _json_default(x: Any) -> Any:
-    return None if isinstance(x, float) and math.isnan(x) else str(x)
+def _nan_to_none(x: Any) -> Any:
+    """NaN (a metric with nothing to score) as JSON null: json.dumps would write the invalid token NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
 
 
 def _pct(x: Any) -> str:
