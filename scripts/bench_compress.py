@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from speech_redundancy.compress import compress, literal_affinity_groups
+from speech_redundancy.compress import compress
 
 THRESHOLD, RATIO, BUDGET, WORD = 0.8, 0.6, 4, 10
 
@@ -61,13 +61,16 @@ def median_ms(f, device: str, repeats: int, warmup: int = 2) -> float:
 
 
 def literal_pool(x: torch.Tensor, threshold: float, window: int) -> torch.Tensor:
-    """The literal loop plus a per-group mean, as a straightforward implementation would write it."""
-    groups = literal_affinity_groups(x, threshold, window).tolist()
-    members: list[list[int]] = []
-    for t, g in enumerate(groups):
-        if g == len(members):
-            members.append([])
-        members[g].append(t)
+    """Algorithm 1 as a straightforward implementation would write it: unit rows computed once, then one token at a
+    time (a host sync per token), then the mean of each group."""
+    unit = torch.nn.functional.normalize(x.float(), dim=1)
+    members: list[list[int]] = [[0]]
+    for t in range(1, x.shape[0]):
+        last = members[-1][-window:]
+        if float((unit[last] @ unit[t]).max()) >= threshold:
+            members[-1].append(t)
+        else:
+            members.append([t])
     return torch.stack([x[m].mean(0) for m in members])
 
 
@@ -80,7 +83,7 @@ def operators(T: int, window: int, device: str) -> dict[str, dict]:
         "uniform_drop": dict(budget=BUDGET, spans=spans),
         "uniform_merge": dict(budget=BUDGET, spans=spans),
         "affinity": dict(threshold=THRESHOLD, window=window),
-        "affinity_budget": dict(ratio=RATIO, window=window),
+        "affinity_ratio": dict(ratio=RATIO, window=window),
         "interpolate": dict(ratio=RATIO),
         "adjacent_merge": dict(ratio=RATIO),
         "group_merge": dict(threshold=THRESHOLD),

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from speech_redundancy import efficiency  # noqa: E402
 from speech_redundancy.engine import compression  # noqa: E402
 from speech_redundancy.models import lslm, qwen2audio  # noqa: E402
-from speech_redundancy.models.base import Point  # noqa: E402
+from speech_redundancy.compress import Point  # noqa: E402
 
 # Qwen/Qwen2-Audio-7B(-Instruct) config.json, the fields that shape compute
 QWEN2_AUDIO_7B = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,16 +17,16 @@ from speech_redundancy.compress import (
     OPERATORS,
     Compressed,
     adjacent_merge,
-    affinity_budget,
+    affinity_ratio,
     affinity_groups,
     affinity_pool,
     attention_prune,
-    budget_for,
+    n_kept,
     compress,
     compress_batch,
     group_merge,
     interpolate,
-    literal_affinity_groups,
+    algorithm1,
     pool_groups,
     random_drop,
     seed_for,
@@ -41,10 +42,36 @@ from speech_redundancy.compress import (
 
 
 def ref_cos(a: list[float], b: list[float]) -> float:
-    """cos(a, b) in Python floats: dot / (|a| |b|), 0 for a zero vector."""
+    """cos(a, b) in Python floats: dot / sqrt(|a|^2 |b|^2), 0 for a zero vector."""
     dot = sum(p * q for p, q in zip(a, b))
-    den = math.sqrt(sum(p * p for p in a)) * math.sqrt(sum(q * q for q in b))
+    den = math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
     return 0.0 if den == 0 else max(-1.0, min(1.0, dot / den))
+
+
+def exact_at_least(a: list[float], b: list[float], threshold: float) -> bool:
+    """cos(a, b) >= threshold decided exactly, in rationals (Fraction of each float): no rounding anywhere."""
+    a, b, tau = [Fraction(v) for v in a], [Fraction(v) for v in b], Fraction(threshold)
+    dot = sum(p * q for p, q in zip(a, b))
+    nn = sum(p * p for p in a) * sum(q * q for q in b)
+    if nn == 0:
+        return 0 >= tau
+    if dot >= 0:
+        return tau <= 0 or dot * dot >= tau * tau * nn
+    return tau < 0 and dot * dot <= tau * tau * nn
+
+
+def exact_algorithm1(rows: list[list[float]], threshold: float, window: int) -> list[int]:
+    """Algorithm 1 with every comparison decided exactly (the mathematics the fast path must agree with)."""
+    groups, current = [0], [rows[0]]
+    for h in rows[1:]:
+        k = min(len(current), window)
+        if any(exact_at_least(h, m, threshold) for m in current[-k:]):
+            current.append(h)
+            groups.append(groups[-1])
+        else:
+            current = [h]
+            groups.append(groups[-1] + 1)
+    return groups
 
 
 def ref_algorithm1(rows: list[list[float]], threshold: float, window: int) -> list[int]:
@@ -108,7 +135,43 @@ def test_exact_ties_match_independent_reference():
         x = torch.tensor(rows, dtype=torch.float64)
         want = ref_algorithm1(rows, threshold, window)
         assert affinity_groups(x, threshold, window).tolist() == want, (case, threshold)
-        assert literal_affinity_groups(x, threshold, window).tolist() == want
+        assert algorithm1(x, threshold, window).tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_duplicates_join_at_threshold_one(dtype):
+    """Identical vectors (and exact positive multiples) have cosine exactly 1, so tau = 1 merges runs of copies of one
+    random row and nothing else: token t joins iff one of the group's last min(|G|, omega) members copies its row."""
+    rng = np.random.default_rng(7)
+    for case in range(150):
+        T, d, window = int(rng.integers(2, 30)), int(rng.choice([3, 64, 512, 4096])), int(rng.integers(1, 5))
+        base = torch.randn(T, d, dtype=torch.float64, generator=torch.Generator().manual_seed(case)).to(dtype)
+        source = np.sort(rng.integers(0, T, size=T))  # runs of copies
+        x = base[torch.from_numpy(source)] * float(rng.uniform(0.01, 100))
+        if case % 3 == 0:
+            x[::2] *= 2  # exact multiples are parallel too
+        want, current = [0], [0]
+        for t in range(1, T):
+            if any(source[m] == source[t] for m in current[-min(len(current), window):]):
+                current.append(t)
+                want.append(want[-1])
+            else:
+                current = [t]
+                want.append(want[-1] + 1)
+        assert affinity_groups(x, 1.0, window).tolist() == want, case
+        assert algorithm1(x, 1.0, window).tolist() == want, case
+
+
+def test_pythagorean_ties_agree_with_exact_arithmetic():
+    rng = random.Random(8)
+    for case in range(80):
+        T, window = rng.randint(1, 20), rng.randint(1, 4)
+        rows = [[v * rng.choice((1, 2, 4)) for v in rng.choice(PYTHAGOREAN)] for _ in range(T)]
+        for x in (torch.tensor(rows, dtype=torch.float32), torch.tensor(rows, dtype=torch.float64)):
+            tau = rng.choice([24 / 25, 3 / 5, 0.0, -3 / 5, 1.0, 8 / 9, 4 / 9, 12 / 25])
+            want = exact_algorithm1(rows, tau, window)
+            assert affinity_groups(x, tau, window).tolist() == want, (case, tau)
+            assert algorithm1(x, tau, window).tolist() == want, (case, tau)
 
 
 def test_ties_join():
@@ -130,7 +193,7 @@ def test_vectorised_equals_literal_on_many_small_cases():
         else:
             threshold = float(rng.uniform(-1.1, 1.1))
         got = affinity_groups(x, threshold, window)
-        assert torch.equal(got, literal_affinity_groups(x, threshold, window)), (case, threshold, window)
+        assert torch.equal(got, algorithm1(x, threshold, window)), (case, threshold, window)
 
 
 def test_vectorised_equals_literal_d64():
@@ -141,7 +204,7 @@ def test_vectorised_equals_literal_d64():
         x = base.repeat_interleave(3, 0)[:T] + 0.7 * torch.randn(T, 64, generator=gen)
         for window in (1, 2, 3, 7):
             for threshold in (0.2, 0.5, 0.7):
-                assert torch.equal(affinity_groups(x, threshold, window), literal_affinity_groups(x, threshold, window))
+                assert torch.equal(affinity_groups(x, threshold, window), algorithm1(x, threshold, window))
 
 
 def test_random_inputs_match_reference():
@@ -162,7 +225,7 @@ def test_features_decide_groups_and_x_is_pooled():
     c = affinity_pool(x, 0.3, 2, features=feats)
     assert c.groups.tolist() == want
     torch.testing.assert_close(c.tokens.double(), ref_means(x, want), rtol=1e-6, atol=1e-6)
-    assert torch.equal(literal_affinity_groups(x, 0.3, 2, feats), c.groups)
+    assert torch.equal(algorithm1(x, 0.3, 2, feats), c.groups)
 
 
 def test_affinity_pool_means_and_contract():
@@ -238,7 +301,7 @@ def test_uniform_operators_match_reference(kind, gaps):
         spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
         budget = rng.randint(1, 6)
         x = torch.randn(T, 4)
-        c = OPERATORS[kind](x, budget=budget, spans=torch.tensor(spans, dtype=torch.long).reshape(-1, 2), gaps=gaps)
+        c = OPERATORS[kind].fn(x, budget=budget, spans=torch.tensor(spans, dtype=torch.long).reshape(-1, 2), gaps=gaps)
         want = ref_oracle(T, spans, budget, gaps, kind)
         assert c.groups.tolist() == want
         check_contract(c, T)
@@ -303,16 +366,16 @@ def test_spans_must_be_ordered():
 # ---------------------------------------------------------------------- fixed budget and baselines
 
 
-def test_affinity_budget_hits_reachable_budgets():
+def test_affinity_ratio_hits_reachable_budgets():
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(60, 8, generator=gen).cumsum(0)
     for ratio in (0.1, 0.5, 0.9, 1.0):  # window 1: every count is reachable with distinct similarities
-        c = affinity_budget(x, ratio, 1)
-        assert c.n_out == budget_for(ratio, 60)
+        c = affinity_ratio(x, ratio, 1)
+        assert c.n_out == n_kept(ratio, 60)
         check_contract(c, 60)
 
 
-def test_affinity_budget_is_closest_count_not_above():
+def test_affinity_ratio_is_closest_count_not_above():
     rng = np.random.default_rng(9)
     for case in range(20):
         T, window = int(rng.integers(1, 25)), int(rng.integers(1, 4))
@@ -320,16 +383,16 @@ def test_affinity_budget_is_closest_count_not_above():
         ratio = float(rng.uniform(0.05, 1.0))
         band = similarity_band(x, window)
         thresholds = sorted(set(band[torch.isfinite(band)].tolist())) + [2.0]
-        counts = [max(literal_affinity_groups(x, t, window).tolist()) + 1 for t in thresholds]
-        want = max(n for n in counts if n <= budget_for(ratio, T))
-        assert affinity_budget(x, ratio, window).n_out == want
+        counts = [max(algorithm1(x, t, window).tolist()) + 1 for t in thresholds]
+        want = max(n for n in counts if n <= n_kept(ratio, T))
+        assert affinity_ratio(x, ratio, window).n_out == want
 
 
 def test_interpolate_matches_torch():
     for T, ratio in [(1, 0.5), (10, 0.5), (37, 0.6), (100, 0.9), (9, 1.0)]:
         x = torch.randn(T, 5, dtype=torch.float64)
         c = interpolate(x, ratio)
-        n = budget_for(ratio, T)
+        n = n_kept(ratio, T)
         want = F.interpolate(x.T.unsqueeze(0), size=n, mode="linear", align_corners=False)[0].T
         torch.testing.assert_close(c.tokens, want)
         p = [(i + 0.5) * T / n - 0.5 for i in range(n)]
@@ -344,7 +407,7 @@ def test_adjacent_merge_matches_reference():
     for T in (1, 2, 9, 30):
         x = torch.randn(T, 6, generator=gen, dtype=torch.float64).cumsum(0)
         for ratio in (0.2, 0.5, 1.0):
-            n = budget_for(ratio, T)
+            n = n_kept(ratio, T)
             sims = [ref_cos(x[t].tolist(), x[t + 1].tolist()) for t in range(T - 1)]
             links = set(sorted(range(T - 1), key=lambda t: (-sims[t], t))[: T - n])
             want = [0]
@@ -384,7 +447,7 @@ def test_attention_prune_matches_reference():
     gen = torch.Generator().manual_seed(13)
     for T in (1, 40, 300):
         scores = torch.randint(0, 5, (T,), generator=gen).float()  # many equal scores
-        want = sorted(sorted(range(T), key=lambda t: (-scores[t].item(), t))[: budget_for(0.3, T)])
+        want = sorted(sorted(range(T), key=lambda t: (-scores[t].item(), t))[: n_kept(0.3, T)])
         assert attention_prune(torch.randn(T, 2), scores, 0.3).positions.tolist() == want
     with pytest.raises(ValueError, match="NaN"):
         attention_prune(x, torch.full((8,), float("nan")), 0.5)
@@ -418,7 +481,7 @@ CALLS = {
     "uniform_drop": (dict(budget=2), lambda x, spans, **k: uniform_drop(x, budget=2, spans=spans)),
     "uniform_merge": (dict(ratio=0.4), lambda x, **k: uniform_merge(x, ratio=0.4)),
     "affinity": (dict(threshold=0.5, window=3), lambda x, features, **k: affinity_pool(x, 0.5, 3, features)),
-    "affinity_budget": (dict(ratio=0.5, window=2), lambda x, features, **k: affinity_budget(x, 0.5, 2, features)),
+    "affinity_ratio": (dict(ratio=0.5, window=2), lambda x, features, **k: affinity_ratio(x, 0.5, 2, features)),
     "interpolate": (dict(ratio=0.7), lambda x, **k: interpolate(x, 0.7)),
     "adjacent_merge": (dict(ratio=0.5), lambda x, features, **k: adjacent_merge(x, 0.5, features)),
     "group_merge": (dict(threshold=0.3), lambda x, features, **k: group_merge(x, 0.3, features)),
@@ -444,7 +507,7 @@ def test_compress_dispatches_and_batches(op):
     mask[2, 10] = False  # a hole
     spans = [torch.tensor([[2, 8], [9, 14]]), torch.tensor([[0, 5]]), torch.tensor([[3, 9]])]
     seeds = [seed_for(0, f"utt{b}") for b in range(B)]
-    use_feats = op in ("affinity", "affinity_budget", "adjacent_merge", "group_merge")
+    use_feats = op in ("affinity", "affinity_ratio", "adjacent_merge", "group_merge")
     cb = compress_batch(x, mask, op, spans=spans, scores=scores, seeds=seeds,
                         features=feats if use_feats else None, **{k: v for k, v in params.items() if k != "seed"})
     for b in range(B):
@@ -545,7 +608,8 @@ def test_seed_for_is_stable_and_spread():
 
 
 def test_affinity_copies_to_host_once(monkeypatch):
-    """Algorithm 1 needs one device-to-host copy per call (no per-token sync), batched or not."""
+    """Algorithm 1 needs one device-to-host copy per sequence (no per-token sync), plus one when a cosine is within
+    rounding of 1 (recomputed in float64)."""
     calls = []
     for name in ("cpu", "item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
@@ -559,5 +623,5 @@ def test_affinity_copies_to_host_once(monkeypatch):
     affinity_pool(x, 0.9, 3, features=x * 2)
     assert calls == ["cpu"]
     calls.clear()
-    compress_batch(torch.randn(3, 20, 4), torch.ones(3, 20, dtype=torch.bool), "affinity", threshold=0.5, window=2)
-    assert calls.count("cpu") == 2 and set(calls) == {"cpu"}  # the mask, then every band at once
+    affinity_pool(torch.cat([x, x[-1:]]), 0.9, 3)  # an exact duplicate at the end
+    assert calls == ["cpu", "cpu"]

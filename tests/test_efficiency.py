@@ -18,7 +18,8 @@ from speech_redundancy import efficiency as eff
 from speech_redundancy.data.records import Utterance
 from speech_redundancy.engine import compression
 from speech_redundancy.models import qwen2audio as q
-from speech_redundancy.models.base import Point, Request
+from speech_redundancy.compress import Point
+from speech_redundancy.models.base import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_kv_bytes_and_ttft_recorded(eager):
     rec = session.records[0]
     assert session.kv_bytes == eff.kv_bytes_analytic(adapter.shape, rec.kv_tokens, 4)
     assert session.ttft_seconds > 0 and session.peak_memory_bytes is None and session.memory_increment_bytes is None
-    assert eff.frr(rec.tokens_in, rec.tokens_out) == rec.tokens_out / rec.tokens_in < 0.3
+    assert rec.retention == rec.tokens_out / rec.tokens_in < 0.3
 
 
 def test_7b_shapes_and_formula():
@@ -110,7 +111,9 @@ def test_cpu_timers():
     time.sleep(0.02)
     assert watch.stop() >= 0.02  # seconds of wall clock (sleep lasts at least as long as asked)
     assert eff.memory_probe("cpu").stop() == (None, None)
-    assert eff.frr(0, 0) is None
+    from speech_redundancy.compress import Record
+
+    assert Record().retention is None  # no audio tokens: no retention
 
 
 def test_bench_prefill_tiny_end_to_end(tmp_path):

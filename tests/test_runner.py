@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, compose
 from speech_redundancy.data.records import read_manifest, write_manifest
 from speech_redundancy.metrics import corpus_wer
-from speech_redundancy.models.base import Point, Request
+from speech_redundancy.compress import Point
+from speech_redundancy.models.base import Request
 from speech_redundancy.runner import RunError, run
 
 TINY = ["model=whisper_tiny_en"]

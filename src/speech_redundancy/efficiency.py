@@ -15,7 +15,7 @@ The operators' own work (e.g. Algorithm 1's cosine band, about 2 T omega d) is n
 
 Memory (paper Table 2): ``peak`` = ``torch.cuda.max_memory_allocated`` during the prefill, ``increment`` = peak minus
 what was allocated when it started (the weights and inputs); both None off GPU. KV bytes: ``kv_bytes_analytic`` for
-one sample from its per-layer cached lengths, ``kv_cache_bytes`` measured on a cache object (whole batch).
+one sample from its per-layer cached lengths (``hf_compat.kv_cache_bytes`` measures a cache object, whole batch).
 """
 
 from __future__ import annotations
@@ -104,25 +104,9 @@ def audio_encoder_flops(shape: WhisperEncoderShape, windows: int = 1) -> int:
     return windows * (conv + layers + projector)
 
 
-def frr(tokens_in: int, tokens_out: int) -> float | None:
-    """Final retention ratio: audio tokens after all points / before (paper Table 1)."""
-    return tokens_out / tokens_in if tokens_in else None
-
-
 def kv_bytes_analytic(shape: DecoderShape, kv_tokens: Sequence[int], bytes_per_value: int) -> int:
     """Bytes of a cache whose layer j holds ``kv_tokens[j]`` keys and values (one sample)."""
     return 2 * shape.kv_heads * shape.head_dim * bytes_per_value * sum(kv_tokens)
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by a transformers cache's keys and values (all layers, whole batch)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 # ----------------------------------------------------------------------------- time and memory
@@ -173,15 +157,14 @@ class memory_probe:
 # ----------------------------------------------------------------------------- one utterance
 def utterance_stats(record, shape: DecoderShape, *, encoder: WhisperEncoderShape | None = None, windows: int = 1,
                     bytes_per_value: int = 2, head_positions: int | None = None) -> dict[str, Any]:
-    """The efficiency numbers of one sample from its :class:`speech_redundancy.engine.Record`."""
+    """The efficiency numbers of one sample from its :class:`speech_redundancy.compress.Record` (retention and
+    compression time are the record's own fields)."""
     llm = prefill_flops(shape, record.layer_tokens, head_positions)
     enc = audio_encoder_flops(encoder, windows) if encoder is not None else 0
     return {
         "layer_tokens": list(record.layer_tokens),
-        "frr": frr(record.tokens_in, record.tokens_out),
         "prefill_flops": llm,
         "encoder_flops": enc,
         "total_flops": llm + enc,
         "kv_bytes": kv_bytes_analytic(shape, record.kv_tokens, bytes_per_value),
-        "compress_seconds": record.seconds,
     }

@@ -394,12 +394,12 @@ def _best(d: pd.DataFrame) -> dict | None:
     return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
 
 
-FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in", "affinity_budget"))
+FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in", "affinity_ratio"))
 
 
 def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """Paper Table 3: WER (%) per dataset under fixed token budgets K, for speedup, interpolate and AP_in
-    (``affinity_budget``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
+    (``affinity_ratio``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
     d = _not_aux(df[df["model"] == model]) if not df.empty else df
     if d.empty:
         return pd.DataFrame()

@@ -6,7 +6,6 @@ is written durably as soon as it is decoded, so an interrupted run resumes where
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import time
@@ -18,7 +17,8 @@ from tqdm import tqdm
 
 from speech_redundancy import compress as ops
 from speech_redundancy.audio import AudioError, load_audio
-from speech_redundancy.models.base import Point, Request
+from speech_redundancy.compress import Point
+from speech_redundancy.models.base import Request
 from speech_redundancy.signal import time_stretch
 from speech_redundancy.results import ResultsLog, environment, fingerprint, write_json
 
@@ -32,30 +32,16 @@ class RunError(RuntimeError):
 
 # ----------------------------------------------------------------------------- config -> points
 def build_points(cfg: DictConfig) -> list[Point]:
-    """Turn ``cfg.intervention.points`` into validated :class:`Point` objects.
-
-    Each point carries the shared keys (budget, gaps, ratio, threshold, window, features); only those the operator
-    takes are kept, so one preset serves several operators.
-    """
+    """Turn ``cfg.intervention.points`` into :class:`Point` objects, validated on construction (a run's rules: tau in
+    [-1, 1]). Each entry carries the shared keys (budget, gaps, ratio, threshold, window, features); only those the
+    operator takes are kept, so one preset serves several operators."""
     points = []
     for raw in cfg.intervention.points or []:
         raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw)
-        op = raw["operator"]
-        if op not in ops.OPERATORS:
-            raise RunError(f"operator={op!r} is unknown; allowed: {', '.join(sorted(ops.OPERATORS))}")
-        accepted = set(inspect.signature(ops.OPERATORS[op]).parameters)
-        params = {k: v for k, v in (raw.get("params") or {}).items() if k in accepted and v is not None}
-        feature_mode = params.get("features", "hidden")
-        if "features" in params and feature_mode not in ops.FEATURE_MODES:
-            raise RunError(f"features={feature_mode!r} is not allowed; use one of {', '.join(ops.FEATURE_MODES)}")
         try:
-            ops.validate(op, strict=True, **{k: v for k, v in params.items() if k != "features"})
+            points.append(Point.parse(raw))
         except (ValueError, TypeError) as e:
             raise RunError(str(e)) from None
-        layer = raw["layer"]
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise RunError(f"layer={layer!r} must be an integer")
-        points.append(Point(layer=layer, operator=op, params=params))
     return points
 
 

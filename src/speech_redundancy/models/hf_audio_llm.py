@@ -17,46 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, needs_spans
 from speech_redundancy.models import lslm
+from speech_redundancy.models.base import Request
 from speech_redundancy.models.lslm import LSLMAdapter, stock_reach, task_prompt, weights_missing
-from speech_redundancy.models.base import Point, Request
-
-MAX_SECONDS = 30.0  # the Whisper-style feature extractors of these families pad or cut to one 30 s window
-
-
-def reach(model, name: str | None = None) -> Reach:
-    """Where a stock ``*ForConditionalGeneration`` audio LLM keeps what the engine touches."""
-    return stock_reach(model, name)
 
 
 class HFAudioLLM(LSLMAdapter):
-    """A stock transformers audio LLM with compression points in its LLM (``models.base.SpeechModel``)."""
+    """A stock transformers audio LLM with compression points in its LLM (``models.base.SpeechModel``). Its
+    processors pad or cut audio to one 30 s window, so longer clips are refused."""
 
     family = "hf_audio_llm"
 
-    def __init__(self, model, processor, *, name: str, token_rate: float, positions: str = "first",
-                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default"):
-        self.model = model.eval()
-        self.processor = processor
-        self.name = name
-        self.token_rate = float(token_rate)
-        self.positions = positions
-        self.pool_early_kv = pool_early_kv
-        self.batch_size = max(1, int(batch_size))
-        self.prompt_family = prompt_family
-        self.reach = reach(model, name)
-        self.n_layers = self.reach.n_layers
-        self.shape = efficiency.DecoderShape.from_config(self.reach.text_config)
-
-    def check_request(self, req: Request, points: list[Point]) -> None:
-        seconds = len(req.audio) / SAMPLE_RATE
-        if seconds > MAX_SECONDS:
-            raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio; {self.name} takes at most 30 s per clip here")
-        if any(needs_spans(p) for p in points) and not req.utt.words:
-            raise ValueError(f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none")
+    def __init__(self, model, processor, *, name: str, token_rate: float, **options):
+        super().__init__(model, processor, stock_reach(model, name), name=name, token_rate=token_rate, **options)
 
     def inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         """Chat-template inputs (audio then the task prompt in one user turn), left-padded, on the model's device."""
@@ -83,17 +57,15 @@ def load(cfg) -> HFAudioLLM:
     get = cfg.get
     path = str(get("path"))
     dtype = getattr(torch, get("dtype", "bfloat16"))
-    device = lslm.device(get("device", "auto"))
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model_cls = _model_class(path)
-        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                          attn_implementation=get("attn_implementation", "sdpa"))
+        model = _model_class(path).from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                   attn_implementation=get("attn_implementation", "sdpa"))
     except OSError:
         raise weights_missing(get("name", path), path, get("hub_id", path)) from None
-    return HFAudioLLM(model.to(device), processor, name=get("name", path), token_rate=float(get("token_rate")),
-                      positions=get("positions", "first"), pool_early_kv=bool(get("pool_early_kv", False)),
-                      batch_size=int(get("batch_size", 1)), prompt_family=get("prompt_family", "default"))
+    return HFAudioLLM(model.to(lslm.device(get("device", "auto"))), processor, name=get("name", path),
+                      token_rate=float(get("token_rate")), prompt_family=get("prompt_family", "default"),
+                      **lslm.options(cfg))
 
 
 def _model_class(path: str):

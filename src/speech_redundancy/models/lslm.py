@@ -1,10 +1,10 @@
-"""What the decoder-only adapters (Qwen2-Audio, the generic stock audio LLMs) share.
+"""What the decoder-only speech LLM adapters share (Qwen2-Audio, the stock transformers audio LLMs, Kimi-Audio).
 
-:class:`LSLMAdapter` holds the family-independent methods: checks, Fig. 3's hidden states and the batching loop. An
-adapter builds the processor batch for its family; :func:`generate_batch` maps word windows onto the audio tokens,
-runs the stock ``generate`` inside :func:`speech_redundancy.engine.compression`, and turns the session's records into
-one :class:`Output` per request with its efficiency numbers. :func:`stock_reach`, :func:`device`, :func:`task_prompt`
-and :func:`weights_missing` serve the adapters' loaders.
+:class:`LSLMAdapter` holds everything family-independent: checks, Fig. 3's hidden states, the batching loop and
+the decoding call, inside :func:`speech_redundancy.engine.compression`, and the turn of the session's records into
+one :class:`Output` per request with its efficiency numbers. A family's adapter says only where its model keeps
+things (its :class:`~speech_redundancy.engine.Reach`), how a batch of requests becomes model inputs
+(:meth:`LSLMAdapter.inputs`), how many audio tokens a request gives, and what its audio front end costs.
 """
 
 from __future__ import annotations
@@ -15,58 +15,90 @@ from typing import Any
 
 import torch
 
-from speech_redundancy import compress as ops
 from speech_redundancy import efficiency
-from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, needs_spans
-from speech_redundancy.models.base import Output, Point, Request
-
-
-def generate_batch(adapter: Any, requests: list[Request], batch: dict[str, torch.Tensor], points: list[Point],
-                   max_new_tokens: int, *, tokenizer: Any, encoder_shape: Any = None,
-                   **generate_kwargs: Any) -> list[Output]:
-    """Greedy decoding of one processor ``batch`` (built from ``requests``) with ``points`` applied in prefill.
-
-    ``adapter`` provides ``model``, ``reach``, ``token_rate``, ``positions``, ``pool_early_kv`` and ``shape``.
-    """
-    n_audio = (batch["input_ids"] == adapter.reach.audio_token_id).sum(1).tolist()
-    spans = None
-    if any(needs_spans(p) for p in points):
-        spans = [ops.spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words],
-                                      adapter.token_rate, n) for r, n in zip(requests, n_audio)]
-    t0 = time.perf_counter()
-    with compression(adapter.model, points, adapter.reach, spans=spans, seeds=[r.seed for r in requests],
-                     positions=adapter.positions, pool_early_kv=adapter.pool_early_kv) as session, \
-            torch.inference_mode():
-        ids = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     **generate_kwargs)
-    seconds = time.perf_counter() - t0
-    new = ids[:, batch["input_ids"].shape[1]:]
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    bytes_per_value = torch.finfo(adapter.model.dtype).bits // 8
-    outs = []
-    for b, rec in enumerate(session.records):
-        stats = efficiency.utterance_stats(rec, adapter.shape, encoder=encoder_shape, bytes_per_value=bytes_per_value)
-        stats.update(
-            seconds=seconds, batch_size=len(requests), ttft_seconds=session.ttft_seconds,
-            peak_memory_bytes=session.peak_memory_bytes, memory_increment_bytes=session.memory_increment_bytes,
-            kv_cache_bytes_batch=session.kv_bytes,
-            new_tokens=int((new[b] != pad).sum()) if pad is not None else int(new.shape[1]),
-        )
-        outs.append(Output(text=texts[b].strip(), tokens_in=rec.tokens_in, tokens_out=rec.tokens_out,
-                           tokens_per_point=list(rec.tokens_per_point), groups=[list(g) for g in rec.groups],
-                           stats=stats))
-    return outs
+from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.compress import Point, spans_from_words
+from speech_redundancy.engine import Reach, audio_hidden_states, check_points, compression, placeholder_finder
+from speech_redundancy.models.base import Output, Request
 
 
 class LSLMAdapter:
-    """Base of the decoder-only adapters (``models.base.SpeechModel``). A subclass sets ``model``, ``processor``,
-    ``reach``, ``shape``, ``token_rate``, ``positions``, ``pool_early_kv`` and ``batch_size``, and defines
-    ``inputs(requests)`` and ``check_request(req, points)``."""
+    """Base of the decoder-only adapters (``models.base.SpeechModel``).
 
+    A subclass defines :meth:`inputs` (a batch of requests -> model inputs) and :meth:`audio_tokens` (audio tokens
+    of one request, for the checks); it may override :meth:`decode` (default: the model's own ``generate``),
+    :meth:`frontend_flops` and :meth:`check_request`.
+    """
+
+    family = "lslm"
+    max_audio_seconds: float | None = 30.0  # None: no limit of its own (long audio is windowed by the adapter)
+
+    def __init__(self, model, processor, reach: Reach, *, name: str, token_rate: float, positions: str = "first",
+                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default"):
+        self.model = model.eval()
+        self.processor = processor
+        self.reach = reach
+        self.name = name
+        self.token_rate = float(token_rate)
+        self.positions = positions
+        self.pool_early_kv = pool_early_kv
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.prompt_family = prompt_family
+        self.n_layers = reach.n_layers
+        self.shape = efficiency.DecoderShape.from_config(reach.text_config)
+
+    # ------------------------------------------------------------------ what a family provides
+    def inputs(self, requests: list[Request]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def audio_tokens(self, req: Request) -> int | None:
+        """Audio tokens this request gives (None when the adapter cannot say before running)."""
+        return None
+
+    def frontend_flops(self, req: Request) -> int:
+        """FLOPs of the audio encoder (and anything else before the LLM) for this request."""
+        return 0
+
+    def context_length(self) -> int | None:
+        return getattr(self.reach.text_config, "max_position_embeddings", None)
+
+    def decode(self, batch: dict[str, Any], max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding of one batch; returns the new token ids [B, n] (padded with the tokenizer's pad id)."""
+        ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  **self.generate_kwargs())
+        return ids[:, batch["input_ids"].shape[1]:]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # ------------------------------------------------------------------ checks (before any compute)
     def check_points(self, points: list[Point]) -> None:
         check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
 
+    def check_request(self, req: Request, points: list[Point]) -> None:
+        """One clear line for a request this model cannot take: empty or too long audio, no word alignments for an
+        oracle budget, more audio tokens than the model's context."""
+        if len(req.audio) == 0:
+            raise ValueError(f"{req.utt.id}: empty audio")
+        seconds = len(req.audio) / SAMPLE_RATE
+        if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+            raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio; {self.name} takes at most "
+                             f"{self.max_audio_seconds:g} s per clip here (its processor would cut the rest)")
+        if any(p.needs_spans for p in points) and not req.utt.words:
+            raise ValueError(f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none "
+                             "(align the dataset first: see docs/datasets.md)")
+        n, context = self.audio_tokens(req), self.context_length()
+        if n is not None and context is not None and n >= context:
+            raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio gives {n} audio tokens, beyond {self.name}'s "
+                             f"context of {context} positions")
+
+    # ------------------------------------------------------------------ generation
     def hidden_states(self, req: Request) -> list[torch.Tensor]:
         """The audio tokens entering each LLM layer 0..L-1 and the final normed output, uncompressed (Fig. 3)."""
         return audio_hidden_states(self.model, self.reach, self.inputs([req]))
@@ -78,14 +110,44 @@ class LSLMAdapter:
             self.check_request(req, points)
         outs: list[Output] = []
         for start in range(0, len(requests), self.batch_size):
-            outs += self._generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)
+            outs += self.generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)
         return outs
 
-    def _generate_batch(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        return generate_batch(self, requests, self.inputs(requests), points, max_new_tokens, tokenizer=tok)
+    def generate_batch(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
+        """One batch: word windows mapped onto the audio tokens, decoding inside the compression block, one Output
+        per request with its efficiency numbers."""
+        batch = self.inputs(requests)
+        audio = self.reach.find_audio((), batch)
+        spans = None
+        if any(p.needs_spans for p in points):
+            spans = [spans_from_words([w.start for w in r.utt.words], [w.end for w in r.utt.words], self.token_rate,
+                                      int(n)) for r, n in zip(requests, audio.sum(1).tolist())]
+        t0 = time.perf_counter()
+        with compression(self.model, points, self.reach, spans=spans, seeds=[r.seed for r in requests],
+                         positions=self.positions, pool_early_kv=self.pool_early_kv) as session, \
+                torch.inference_mode():
+            new = self.decode(batch, max_new_tokens)
+        seconds = time.perf_counter() - t0
+        tok = self.tokenizer
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        pad = getattr(tok, "pad_token_id", None)
+        bytes_per_value = torch.finfo(self.model.dtype).bits // 8
+        outs = []
+        for b, (req, rec) in enumerate(zip(requests, session.records)):
+            stats = efficiency.utterance_stats(rec, self.shape, bytes_per_value=bytes_per_value)
+            frontend = self.frontend_flops(req)
+            stats.update(
+                encoder_flops=frontend, total_flops=stats["prefill_flops"] + frontend,
+                seconds=seconds, batch_size=len(requests), ttft_seconds=session.ttft_seconds,
+                peak_memory_bytes=session.peak_memory_bytes, memory_increment_bytes=session.memory_increment_bytes,
+                kv_cache_bytes_batch=session.kv_bytes,
+                new_tokens=int((new[b] != pad).sum()) if pad is not None else int(new.shape[1]),
+            )
+            outs.append(Output.from_record(texts[b].strip(), rec, stats))
+        return outs
 
 
+# ----------------------------------------------------------------------------- loading helpers
 def stock_reach(model, name: str | None = None) -> Reach:
     """Where a stock ``*ForConditionalGeneration`` audio LLM keeps what the engine touches."""
     inner = getattr(model, "model", None)
@@ -98,8 +160,15 @@ def stock_reach(model, name: str | None = None) -> Reach:
     audio_id = getattr(model.config, "audio_token_id", None)
     if audio_id is None:
         raise ValueError(f"{type(model).__name__}: config has no audio_token_id")
-    return Reach(top=model, stack=stack, layers=stack.layers, audio_token_id=int(audio_id), text_config=stack.config,
-                 rotary=stack.rotary_emb, name=name or type(model).__name__)
+    return Reach(top=model, stack=stack, layers=stack.layers, text_config=stack.config, rotary=stack.rotary_emb,
+                 find_audio=placeholder_finder(int(audio_id)), name=name or type(model).__name__)
+
+
+def options(cfg) -> dict[str, Any]:
+    """The adapter settings every LSLM config shares (name, positions, KV policy, batch size, prompt family)."""
+    get = cfg.get
+    return {"positions": get("positions", "first"), "pool_early_kv": bool(get("pool_early_kv", False)),
+            "batch_size": int(get("batch_size", 1))}
 
 
 def device(name: str) -> torch.device:

@@ -1,12 +1,16 @@
-"""Qwen2-Audio adapter: hooks ``Qwen2AudioForConditionalGeneration`` (stock transformers) — its forward (prefill or
-decode), its ``model.language_model`` (Qwen2Model: masks, positions) and each Qwen2DecoderLayer (the audio span of
-the layer's input is compressed during prefill); nothing else changes. The engine (``speech_redundancy.engine``)
-does the work; this file only says where Qwen2-Audio keeps its layers, masks, positions and audio placeholders.
+"""Qwen2-Audio adapter: the generic stock-model adapter (``models.hf_audio_llm``) with Qwen2-Audio's own prompt
+layout and long audio. The engine hooks ``Qwen2AudioForConditionalGeneration`` (stock transformers): its forward,
+its ``model.language_model`` (Qwen2Model: masks, positions) and each Qwen2DecoderLayer; nothing else changes.
 
 Qwen2-Audio in numbers: the processor turns up to 30 s of 16 kHz audio into 128 log-mel frames padded to 3000; the
-Whisper-large-v3-shaped tower gives 1500 positions, average-pooled to 750 audio tokens (25 per second of real
-audio: ``((frames - 1) // 2 + 1 - 2) // 2 + 1``), one ``<|AUDIO|>`` placeholder each; the 7B LLM has 32 layers.
-Longer audio is refused: the feature extractor would silently cut it at 30 s.
+Whisper-large-v3-shaped tower gives 1500 positions, average-pooled to 750 audio tokens (25 per second of real audio:
+``((frames - 1) // 2 + 1 - 2) // 2 + 1``), one ``<|AUDIO|>`` placeholder each; the 7B LLM has 32 layers.
+
+Long audio. The feature extractor cuts at 30 s, so a longer clip is fed as consecutive 30 s windows (the last one
+shorter) whose placeholders fill ONE audio span ``<|audio_bos|><|AUDIO|>...<|AUDIO|><|audio_eos|>`` (one
+``<|AUDIO|>`` per window, each expanded by the processor to its window's tokens); the stock model scatters the
+windows' features into that span in order, so word windows map at 25 tokens/s across the whole clip and retention
+counts the real audio tokens of all windows. The limit is the LLM's context (``max_position_embeddings``).
 
 ``conf/model/tiny_qwen2audio.yaml`` builds a random tiny model instead (no download): a 2-layer tower and a 4-layer
 Qwen2 LLM, with a byte-level tokenizer built here (256 byte tokens + Qwen2-Audio's special tokens) and the real
@@ -16,79 +20,73 @@ Whisper feature extractor (128 mels), so the processor, prompts and generate run
 from __future__ import annotations
 
 import math
+
+import numpy as np
 import torch
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import Reach, needs_spans
+from speech_redundancy.compress import Point
 from speech_redundancy.models import lslm
-from speech_redundancy.models.lslm import LSLMAdapter, generate_batch, stock_reach, task_prompt, weights_missing
-from speech_redundancy.models.base import Output, Point, Request
+from speech_redundancy.models.base import Request
+from speech_redundancy.models.hf_audio_llm import HFAudioLLM
+from speech_redundancy.models.lslm import task_prompt, weights_missing
 
 HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
 AUDIO_TOKEN = "<|AUDIO|>"
-AUDIO_SPAN = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-MAX_SECONDS = 30.0  # one feature-extractor window
+AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
+WINDOW_SAMPLES = 30 * SAMPLE_RATE  # one feature-extractor window
 TOKEN_RATE = 25.0
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>",
-                  "<|en|>", "<|zh|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS, "<|en|>", "<|zh|>"]
 
 
-def reach(model) -> Reach:
+def reach(model):
     """Where Qwen2-Audio keeps what the engine touches."""
-    return stock_reach(model, "Qwen2-Audio")
+    return lslm.stock_reach(model, "Qwen2-Audio")
 
 
 def audio_tokens_for(n_samples: int) -> int:
-    """Audio tokens Qwen2-Audio gives ``n_samples`` of 16 kHz audio (mel frames -> conv stride 2 -> pool 2)."""
+    """Audio tokens Qwen2-Audio gives ``n_samples`` (<= 30 s) of 16 kHz audio (mel frames -> conv stride 2 -> pool 2)."""
     frames = min(3000, math.ceil(n_samples / 160))  # the processor's attention mask counts ceil(samples / hop)
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
-class Qwen2AudioModel(LSLMAdapter):
+def windows(audio: np.ndarray) -> list[np.ndarray]:
+    """Consecutive 30 s windows of a clip (the last one shorter; one window for a clip of 30 s or less). A last
+    window too short to give one audio token (20 ms or less) is left out."""
+    parts = [audio[i:i + WINDOW_SAMPLES] for i in range(0, max(1, len(audio)), WINDOW_SAMPLES)]
+    return parts if len(parts) == 1 or audio_tokens_for(len(parts[-1])) > 0 else parts[:-1]
+
+
+class Qwen2AudioModel(HFAudioLLM):
     """A Qwen2-Audio checkpoint with compression points in its LLM (implements ``models.base.SpeechModel``)."""
 
     family = "qwen2audio"
-    token_rate = TOKEN_RATE
+    max_audio_seconds = None  # long audio goes in as consecutive 30 s windows
 
-    def __init__(self, model, processor, *, name: str = "qwen2-audio", positions: str = "first",
-                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "qwen2_audio",
-                 chat: bool = False):
-        self.model = model.eval()
-        self.processor = processor
-        self.name = name
-        self.positions = positions
-        self.pool_early_kv = pool_early_kv
-        self.batch_size = max(1, int(batch_size))
-        self.prompt_family = prompt_family
+    def __init__(self, model, processor, *, name: str = "qwen2-audio", prompt_family: str = "qwen2_audio",
+                 chat: bool = False, **options):
+        super().__init__(model, processor, name=name, token_rate=TOKEN_RATE, prompt_family=prompt_family, **options)
+        self.reach.name = "Qwen2-Audio"
         self.chat = chat
-        self.reach = reach(model)
-        self.n_layers = self.reach.n_layers
-        self.shape = efficiency.DecoderShape.from_config(self.reach.text_config)
         self.encoder_shape = efficiency.WhisperEncoderShape.from_qwen2audio(model.config)
         self.processor.tokenizer.padding_side = "left"
 
     # ------------------------------------------------------------------ checks (before any compute)
     def check_request(self, req: Request, points: list[Point]) -> None:
-        seconds = len(req.audio) / SAMPLE_RATE
-        if seconds > MAX_SECONDS:
-            raise ValueError(
-                f"{req.utt.id}: {seconds:.1f} s of audio; Qwen2-Audio's feature extractor takes at most 30 s per clip "
-                "(it would cut the rest silently): split the utterance"
-            )
-        if len(req.audio) == 0:
-            raise ValueError(f"{req.utt.id}: empty audio")
-        if any(needs_spans(p) for p in points) and not req.utt.words:
-            raise ValueError(
-                f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none "
-                "(align the dataset first)"
-            )
+        super().check_request(req, points)
         text = self.prompt_text(req)
         if text.count(AUDIO_TOKEN) != 1:
             raise ValueError(
                 f"{req.utt.id}: the prompt must hold exactly one {AUDIO_TOKEN} placeholder "
                 f"(found {text.count(AUDIO_TOKEN)}): {text!r}"
             )
+
+    def audio_tokens(self, req: Request) -> int:
+        return sum(audio_tokens_for(len(w)) for w in windows(req.audio))
+
+    def frontend_flops(self, req: Request) -> int:
+        return efficiency.audio_encoder_flops(self.encoder_shape, len(windows(req.audio)))
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, req: Request) -> str:
@@ -99,27 +97,28 @@ class Qwen2AudioModel(LSLMAdapter):
             prompt = task_prompt(self.prompt_family, req)
         if AUDIO_TOKEN in prompt:
             return prompt
+        span = AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS
         if self.chat:
             return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    f"Audio 1: {AUDIO_SPAN}\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
-        return AUDIO_SPAN + prompt
+                    f"Audio 1: {span}\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+        return span + prompt
 
     # ------------------------------------------------------------------ generation
     def inputs(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        """Processor outputs for a batch (left-padded), on the model's device."""
-        batch = self.processor(
-            text=[self.prompt_text(r) for r in requests], audio=[r.audio for r in requests],
-            sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
-        )
+        """Processor outputs for a batch (left-padded), on the model's device; each clip's one placeholder stands
+        for all its 30 s windows."""
+        texts, clips = [], []
+        for r in requests:
+            parts = windows(r.audio)
+            texts.append(self.prompt_text(r).replace(AUDIO_TOKEN, AUDIO_TOKEN * len(parts), 1))
+            clips += parts
+        batch = self.processor(text=texts, audio=clips, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True)
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         batch["input_features"] = batch["input_features"].to(self.model.dtype)
         return batch
 
-    def _generate_batch(self, requests: list[Request], points: list[Point], max_new_tokens: int) -> list[Output]:
-        tok = self.processor.tokenizer
-        return generate_batch(self, requests, self.inputs(requests), points, max_new_tokens, tokenizer=tok,
-                              encoder_shape=self.encoder_shape, temperature=None, top_p=None, top_k=None,
-                              pad_token_id=tok.pad_token_id)
+    def generate_kwargs(self) -> dict:
+        return {"temperature": None, "top_p": None, "top_k": None, "pad_token_id": self.tokenizer.pad_token_id}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -143,11 +142,8 @@ def load(cfg) -> Qwen2AudioModel:
         raise ValueError(f"model.n_layers={n_layers} but the loaded {get('name', 'model')} has {real} decoder layers")
     path = str(get("path") or "")
     family = get("prompt_family") or ("qwen2_audio_instruct" if "instruct" in path.lower() else "qwen2_audio")
-    return Qwen2AudioModel(
-        model, processor, name=get("name", "qwen2-audio"), positions=get("positions", "first"),
-        pool_early_kv=bool(get("pool_early_kv", False)), batch_size=int(get("batch_size", 1)),
-        prompt_family=family, chat=bool(get("chat", False)),
-    )
+    return Qwen2AudioModel(model, processor, name=get("name", "qwen2-audio"), prompt_family=family,
+                           chat=bool(get("chat", False)), **lslm.options(cfg))
 
 
 def _from_pretrained(path: str, dtype, attn: str, device):

@@ -16,32 +16,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from speech_redundancy import compress as ops
 from speech_redundancy.audio import SAMPLE_RATE
-from speech_redundancy.engine import needs_spans
-from speech_redundancy.models.base import Output, Point, Request
+from speech_redundancy.compress import Features, Point, SpanState, compress_step, spans_from_words
+from speech_redundancy.models.base import Output, Request
 
 FRAMES_PER_SECOND = 50  # Whisper encoder frames per second (conv stem stride 2 over 100 mel frames/s)
 PADDING_MODES = ("keep", "drop")
-
-
-@dataclass
-class _State:
-    """What crosses the hooks during one utterance's encoder pass."""
-
-    request: Request
-    points: list[Point]
-    n_utt: int  # utterance frames currently in the sequence
-    origin: torch.Tensor  # original frame index represented by each current utterance frame
-    word_spans: torch.Tensor | None  # [U, 2] word windows in original frames, or None
-    tokens_per_point: list[int] = field(default_factory=list)
-    groups: list[list[int]] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 class WhisperModel:
@@ -67,13 +51,12 @@ class WhisperModel:
         """Raise a one-line error for a point this model cannot take (before any compute)."""
         layers = [p.layer for p in points]
         for p in points:
-            if not 0 <= p.layer <= self.n_layers:
+            if p.layer > self.n_layers:
                 raise ValueError(
                     f"layer={p.layer} is out of range for {self.name}: allowed 0..{self.n_layers} "
                     f"(0 = encoder input after the conv stem, {self.n_layers} = encoder output)"
                 )
-            mode = p.params.get("features", "hidden")
-            if mode == "keys" and p.layer == self.n_layers:
+            if p.features == "keys" and p.layer == self.n_layers:
                 raise ValueError(f"features=keys needs an attention layer; layer={p.layer} is the encoder output")
         if layers != sorted(set(layers)):
             raise ValueError(f"compression layers must be distinct and increasing, got {layers}")
@@ -90,14 +73,8 @@ class WhisperModel:
         if duration > 30.0:
             raise ValueError(f"{req.utt.id}: {duration:.1f} s of audio; Whisper takes at most 30 s per utterance")
         n_utt = min(self.max_frames, frames_for(duration))
-        needs_words = any(needs_spans(p) for p in points)
-        state = _State(
-            request=req,
-            points=points,
-            n_utt=n_utt,
-            origin=torch.arange(n_utt),
-            word_spans=self._word_spans(req, n_utt) if needs_words else None,
-        )
+        words = self._word_spans(req, n_utt) if any(p.needs_spans for p in points) else None
+        state = [SpanState.start(n_utt, words=words, seed=req.seed)]  # the utterance frames between points
         features = self.processor.feature_extractor(
             req.audio, sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features.to(self.model.device, self.model.dtype)
@@ -111,14 +88,7 @@ class WhisperModel:
                 h.remove()
         seconds = time.perf_counter() - t0
         text = self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        return Output(
-            text=text,
-            tokens_in=n_utt,
-            tokens_out=state.n_utt,
-            tokens_per_point=state.tokens_per_point,
-            groups=state.groups,
-            stats={"seconds": seconds, "compress_seconds": state.seconds, "new_tokens": int(ids.shape[-1])},
-        )
+        return Output.from_record(text, state[0].record, {"seconds": seconds, "new_tokens": int(ids.shape[-1])})
 
     def hidden_states(self, req: Request) -> list[torch.Tensor]:
         """The utterance frames entering each compression layer, uncompressed: a list of ``n_layers + 1`` tensors
@@ -154,61 +124,34 @@ class WhisperModel:
                 f"{req.utt.id}: the oracle needs word alignments, and this utterance has none "
                 "(align the dataset first: see docs/datasets.md)"
             )
-        return ops.spans_from_words(
-            [w.start for w in words], [w.end for w in words], self.token_rate, n_utt
-        )
+        return spans_from_words([w.start for w in words], [w.end for w in words], self.token_rate, n_utt)
 
     # ------------------------------------------------------------------- hooks
-    def _install(self, points: list[Point], state: _State) -> list:
+    def _install(self, points: list[Point], state: list[SpanState]) -> list:
         handles = []
         for point in points:
             if point.layer < self.n_layers:
                 layer = self.encoder.layers[point.layer]
+                feats = Features(norm=layer.self_attn_layer_norm, key_proj=layer.self_attn.k_proj)
 
-                def pre_hook(module, args, kwargs, point=point, layer=layer):
-                    hidden = self._apply(args[0], point, state, layer)
-                    return (hidden, *args[1:]), kwargs
+                def pre_hook(module, args, kwargs, point=point, feats=feats):
+                    return (self._apply(args[0], point, state, feats), *args[1:]), kwargs
 
-                handles.append(self.encoder.layers[point.layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            else:
+                handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:  # the encoder output, already layer-normed: "normed" features are the hidden states
 
                 def post_hook(module, args, output, point=point):
-                    return self._apply(output, point, state, None)
+                    return self._apply(output, point, state, Features())
 
                 handles.append(self.encoder.layer_norm.register_forward_hook(post_hook))
         return handles
 
-    def _apply(self, hidden: torch.Tensor, point: Point, state: _State, layer) -> torch.Tensor:
+    def _apply(self, hidden: torch.Tensor, point: Point, state: list[SpanState], feats: Features) -> torch.Tensor:
         """Compress the utterance frames of ``hidden`` [1, L, d] at one point; keep or drop the padding frames."""
-        t0 = time.perf_counter()
-        n = state.n_utt
-        utt = hidden[0, :n]
-        params = dict(point.params)
-        mode = params.pop("features", "hidden")
-        feats = None
-        if point.operator in ops.SIMILARITY_OPERATORS and mode != "hidden":
-            feats = self._features(utt, mode, layer)
-        spans = None
-        if state.word_spans is not None and "budget" in params:
-            # word windows in original frames -> windows over the current frames (earlier points may have merged)
-            spans = torch.searchsorted(state.origin, state.word_spans.contiguous())
-        out = ops.compress(utt, point.operator, features=feats, spans=spans, seed=state.request.seed, **params)
+        n = len(state[0].origin)
+        out, state[0] = compress_step(hidden[0, :n], point, state[0], features=feats)
         rest = hidden[0, n:] if self.padding == "keep" else hidden[0, :0]
-        state.origin = state.origin[out.positions.cpu()]
-        state.n_utt = out.n_out
-        state.tokens_per_point.append(out.n_out)
-        state.groups.append(out.groups.tolist())
-        state.seconds += time.perf_counter() - t0
         return torch.cat([out.tokens, rest], dim=0).unsqueeze(0)
-
-    def _features(self, utt: torch.Tensor, mode: str, layer) -> torch.Tensor:
-        if layer is None:  # encoder output: already layer-normed
-            return ops.similarity_features(utt, "hidden" if mode == "normed" else mode)
-        norm = layer.self_attn_layer_norm
-        if mode == "keys":
-            return ops.similarity_features(utt, "keys", keys=layer.self_attn.k_proj(norm(utt)))
-        return ops.similarity_features(utt, mode, norm=norm)
-
 
 
 def load(cfg) -> WhisperModel:

@@ -1,0 +1,204 @@
+"""What every operator shares: the index-map result, group pooling, similarity features and argument checks."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+GAPS = ("unit", "keep")
+FEATURE_MODES = ("hidden", "normed", "centered", "keys")
+
+
+@dataclass
+class Compressed:
+    """An operator's output: the new tokens and where each input token went."""
+
+    tokens: Tensor  # [T', d] (batched: [B, T', d], padded)
+    groups: Tensor  # [T] long: output index per input token, -1 = dropped (batched: [B, T], -1 also at padding)
+    positions: Tensor  # [T'] long: first input position of each output token (batched: [B, T'], -1 at padding)
+    mask: Tensor | None = None  # batched only: [B, T'] bool, True at real output tokens
+
+    @property
+    def n_out(self) -> int:
+        return int(self.tokens.shape[-2])
+
+
+# ------------------------------------------------------------------------------------------ small rules
+
+
+def n_kept(ratio: float, n_tokens: int) -> int:
+    """Tokens kept at retention ratio K of ``n_tokens``: max(1, floor(K * T + 0.5)); 0 when T = 0."""
+    if n_tokens <= 0:
+        return 0
+    return max(1, min(n_tokens, int(math.floor(ratio * n_tokens + 0.5))))
+
+
+def seed_for(run_seed: int, utt_id: str) -> int:
+    """A stable 63-bit seed for one utterance of a run (sha256 of both; independent of Python's hash())."""
+    digest = hashlib.sha256(f"{int(run_seed)}:{utt_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and means are accumulated in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+
+
+def check_x(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a [T, d] tensor, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def raise_nonfinite(x: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        n_nan = int(torch.isnan(x).sum())
+        raise ValueError(f"{name} contains {n_nan} NaN and {int(bad.sum()) - n_nan} inf values; all must be finite")
+
+
+def check_finite(x: Tensor, name: str = "x") -> None:
+    """One cheap pass (a float32/64 sum); the exact check runs only when the sum is not finite."""
+    if x.numel() and not bool(torch.isfinite(x.sum(dtype=acc_dtype(x.dtype)))):
+        raise_nonfinite(x, name)
+
+
+def check_features(x: Tensor, features: Tensor | None) -> Tensor:
+    """The tensor similarity is measured on: ``features`` (same T as x) when given, else x."""
+    if features is None:
+        return x
+    check_x(features, "features")
+    if features.shape[0] != x.shape[0]:
+        raise ValueError(f"features has {features.shape[0]} tokens but x has {x.shape[0]}; they must match")
+    return features
+
+
+def check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a real number (in [-1, 1] for runs), got {threshold!r}")
+    return float(threshold)
+
+
+def check_window(window: int) -> int:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    return int(window)
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def check_budget(budget: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+    return int(budget)
+
+
+# ------------------------------------------------------------------------------------------ pooling
+
+
+def empty(x: Tensor) -> Compressed:
+    long = dict(dtype=torch.long, device=x.device)
+    return Compressed(x[:0].clone(), torch.empty(0, **long), torch.empty(0, **long))
+
+
+def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
+    """Mean-pool ``x`` [T, d] over ``groups`` [T] (ids 0..T'-1, non-decreasing over kept tokens, -1 = drop).
+
+    Groups of one token are copied exactly; the others are averaged as the in-order sum of their rows each
+    weighted by 1/size (``embedding_bag`` with per-sample weights: one pass over the rows), in float32 (float64 for
+    float64 input); this differs from sum-then-divide by at most a few ulps.
+    """
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    g = g.astype(np.int64, copy=False)
+    if g.shape != (x.shape[0],):
+        raise ValueError(f"groups must have shape ({x.shape[0]},), got {g.shape}")
+    kept = np.flatnonzero(g >= 0)
+    gk = g[kept]
+    step = np.diff(gk)
+    if gk.size and (gk[0] != 0 or np.any((step < 0) | (step > 1))):
+        raise ValueError("groups must number kept tokens 0, 1, 2, ... in temporal order (steps of 0 or 1)")
+    if np.any(g < -1):
+        raise ValueError("groups must be >= -1 (-1 = dropped)")
+    n_out = int(gk[-1]) + 1 if gk.size else 0
+    first = np.searchsorted(gk, np.arange(n_out))
+    positions = kept[first]
+    counts = np.diff(np.append(first, gk.size))
+    device = x.device
+    groups_t = torch.from_numpy(g).to(device)
+    positions_t = torch.from_numpy(positions).to(device)
+    if n_out == gk.size:  # only singletons: an exact copy
+        tokens = x.index_select(0, positions_t)
+    else:
+        acc = acc_dtype(x.dtype)
+        src = x if x.dtype == acc else x.to(acc)
+        # group means in one fused pass: each group is a contiguous "bag" of kept rows starting at offset `first`,
+        # every row weighted by 1 / its group's size
+        weights = np.repeat(1.0 / counts, counts)
+        tokens = torch.nn.functional.embedding_bag(
+            torch.from_numpy(kept).to(device), src, torch.from_numpy(first).to(device), mode="sum",
+            per_sample_weights=torch.from_numpy(weights).to(device=device, dtype=acc))
+        tokens = tokens.to(x.dtype)
+    return Compressed(tokens, groups_t, positions_t)
+
+
+def identity(x: Tensor) -> Compressed:
+    """No compression: every token is its own group (tokens is a copy of x)."""
+    check_x(x)
+    check_finite(x)
+    T = x.shape[0]
+    return pool_groups(x, np.arange(T)) if T else empty(x)
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+def similarity_features(
+    x: Tensor,
+    mode: str,
+    *,
+    norm: Callable[[Tensor], Tensor] | None = None,
+    keys: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Features that similarity is measured on, per ``mode``:
+
+    "hidden" x itself (the paper); "normed" norm(x), the layer's own input LayerNorm/RMSNorm passed as a
+    callable; "centered" x minus the utterance's mean token (with ``mask`` [B, T] for a padded batch
+    [B, T, d], the mean over real tokens); "keys" the given ``keys`` (same leading shape as x).
+    """
+    if mode == "hidden":
+        return x
+    if mode == "normed":
+        if norm is None:
+            raise ValueError("features mode 'normed' needs norm= (the layer's input LayerNorm/RMSNorm callable)")
+        with torch.no_grad():
+            return norm(x)
+    if mode == "centered":
+        if mask is None:
+            return x - x.mean(dim=-2, keepdim=True)
+        m = mask.to(x.dtype).unsqueeze(-1)
+        mean = (x * m).sum(dim=-2, keepdim=True) / m.sum(dim=-2, keepdim=True).clamp_min(1)
+        return x - mean
+    if mode == "keys":
+        if keys is None:
+            raise ValueError("features mode 'keys' needs keys= (the layer's keys for the same tokens)")
+        if keys.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"keys have shape {tuple(keys.shape)}; leading dims must match x {tuple(x.shape[:-1])}")
+        return keys
+    raise ValueError(f"unknown features mode {mode!r}; allowed: {', '.join(FEATURE_MODES)}")

@@ -1,0 +1,249 @@
+"""The operator table (one source for names, parameters and per-sample inputs), compression points, and dispatch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from speech_redundancy.compress import affinity, baselines, oracle, peers
+from speech_redundancy.compress.core import (
+    FEATURE_MODES,
+    GAPS,
+    Compressed,
+    check_budget,
+    check_ratio,
+    check_threshold,
+    check_window,
+    identity,
+    similarity_features,
+)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """One operator: its function, the parameters a point gives it, and the per-sample inputs the step supplies.
+
+    ``inputs``: "features" (similarity features; a point may then set ``features=<mode>``), "spans" (word windows,
+    with a budget), "scores" (attention per token from layer l-1), "seed" (random operators).
+    """
+
+    fn: Callable[..., Compressed]
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Every parameter a point may set (``features`` for operators that measure similarity)."""
+        return self.required + self.optional + (("features",) if "features" in self.inputs else ())
+
+
+_ORACLE = dict(optional=("budget", "ratio", "gaps"), inputs=("spans",))
+OPERATORS: dict[str, Operator] = {
+    "none": Operator(identity, summary="no compression"),
+    "random_drop": Operator(oracle.random_drop, optional=("budget", "ratio", "gaps"), inputs=("spans", "seed"),
+                            summary="oracle: keep R random tokens per word window (or K overall)"),
+    "uniform_drop": Operator(oracle.uniform_drop, **_ORACLE,
+                             summary="oracle: keep R tokens at bin centres per word window (or K overall)"),
+    "uniform_merge": Operator(oracle.uniform_merge, **_ORACLE,
+                              summary="oracle: mean of R equal bins per word window (or K overall)"),
+    "affinity": Operator(affinity.affinity_pool, required=("threshold", "window"), inputs=("features",),
+                         summary="Affinity Pooling, Algorithm 1"),
+    "affinity_ratio": Operator(affinity.affinity_ratio, required=("ratio", "window"), inputs=("features",),
+                               summary="Affinity Pooling at a fixed retention K (Table 3)"),
+    "interpolate": Operator(baselines.interpolate, required=("ratio",), summary="linear interpolation to K"),
+    "adjacent_merge": Operator(peers.adjacent_merge, required=("ratio",), inputs=("features",),
+                               summary="A-ToMe: merge the most similar adjacent pairs to K"),
+    "group_merge": Operator(peers.group_merge, required=("threshold",), inputs=("features",),
+                            summary="Samp: join while the mean similarity to the group is >= tau"),
+    "attention_prune": Operator(peers.attention_prune, required=("ratio",), inputs=("scores",),
+                                summary="FastV: keep the K most attended tokens (scores from layer l-1)"),
+}
+
+
+def operator(name: str) -> Operator:
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r}; allowed: {', '.join(OPERATORS)}")
+    return OPERATORS[name]
+
+
+def validate(name: str, *, strict: bool = False, **params: Any) -> None:
+    """Raise a one-line ValueError for an unknown operator, missing/unexpected parameters or a bad value.
+
+    Allowed: threshold a real number (strict=True, the rule for runs: in [-1, 1]); window and budget integers >= 1;
+    ratio in (0, 1]; gaps in ("unit", "keep"); features a mode name; oracle operators need budget (with word spans)
+    or ratio, not both.
+    """
+    op = operator(name)
+    unexpected = sorted(set(params) - set(op.params))
+    if unexpected:
+        raise ValueError(f"{name} got unexpected parameter(s) {unexpected}; allowed: {sorted(op.params) or 'none'}")
+    missing = [k for k in op.required if params.get(k) is None]
+    if missing:
+        raise ValueError(f"{name} needs parameter(s) {missing}")
+    if "spans" in op.inputs:
+        has_budget, has_ratio = params.get("budget") is not None, params.get("ratio") is not None
+        if has_budget == has_ratio:
+            raise ValueError(f"{name} needs either budget (with word spans) or ratio, not both or neither")
+        if "gaps" in params and not has_budget:
+            raise ValueError(f"{name}: gaps applies only with budget (word windows)")
+    if params.get("threshold") is not None:
+        t = check_threshold(params["threshold"])
+        if strict and not -1 <= t <= 1:
+            raise ValueError(f"threshold must be in [-1, 1], got {t}")
+    if params.get("window") is not None:
+        check_window(params["window"])
+    if params.get("budget") is not None:
+        check_budget(params["budget"])
+    if params.get("ratio") is not None:
+        check_ratio(params["ratio"])
+    if params.get("gaps") is not None and params["gaps"] not in GAPS:
+        raise ValueError(f"gaps must be one of {GAPS}, got {params['gaps']!r}")
+    if params.get("features") is not None and params["features"] not in FEATURE_MODES:
+        raise ValueError(f"unknown features mode {params['features']!r}; allowed: {', '.join(FEATURE_MODES)}")
+
+
+@dataclass
+class Point:
+    """One compression point: ``operator`` with ``params`` applied to the audio tokens entering layer l.
+
+    Checked on construction against the operator table (``strict=True``, the rule for runs, also bounds tau to
+    [-1, 1]). Adapters check only facts about their model (depth, attention implementation).
+    """
+
+    layer: int
+    operator: str
+    params: dict[str, Any] = field(default_factory=dict)
+    strict: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) or self.layer < 0:
+            raise ValueError(f"layer={self.layer!r} must be an integer >= 0")
+        self.layer = int(self.layer)
+        self.params = dict(self.params)
+        validate(self.operator, strict=self.strict, **self.params)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> "Point":
+        """A point from a config entry ``{layer, operator, params}`` (a run: strict). Of the shared keys in
+        ``params`` (budget, gaps, ratio, threshold, window, features) only those the operator takes are kept, so one
+        preset serves several operators; None values are dropped."""
+        name = raw.get("operator")
+        accepted = operator(name).params
+        params = {k: v for k, v in (raw.get("params") or {}).items() if k in accepted and v is not None}
+        return cls(layer=raw.get("layer"), operator=name, params=params, strict=True)
+
+    @property
+    def spec(self) -> Operator:
+        return OPERATORS[self.operator]
+
+    @property
+    def features(self) -> str:
+        """What similarity is measured on (``hidden`` unless the point says otherwise)."""
+        return self.params.get("features", "hidden")
+
+    @property
+    def needs_spans(self) -> bool:
+        """Oracle operators with a per-word budget R need word spans (paper §3.1)."""
+        return "spans" in self.spec.inputs and self.params.get("budget") is not None
+
+    @property
+    def needs_scores(self) -> bool:
+        return "scores" in self.spec.inputs
+
+    def operator_params(self) -> dict[str, Any]:
+        """The parameters handed to the operator function (the features mode is resolved by the step)."""
+        return {k: v for k, v in self.params.items() if k != "features"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "operator": self.operator, "params": dict(self.params)}
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+def compress(
+    x: Tensor,
+    name: str,
+    *,
+    features: Tensor | str | None = None,
+    spans=None,
+    scores: Tensor | None = None,
+    seed: int | None = None,
+    **params: Any,
+) -> Compressed:
+    """Apply operator ``name`` with ``params`` to one sequence x [T, d].
+
+    ``features`` (a tensor, or the mode "hidden"/"centered") is used by operators that measure similarity,
+    ``spans`` by the oracle operators with a budget, ``scores`` by attention_prune, ``seed`` by random_drop;
+    operators ignore the inputs they do not take.
+    """
+    validate(name, **params)
+    op = OPERATORS[name]
+    kwargs: dict[str, Any] = {}
+    if "features" in op.inputs:
+        kwargs["features"] = similarity_features(x, features) if isinstance(features, str) else features
+    if "spans" in op.inputs:
+        kwargs["spans"] = spans if params.get("budget") is not None else None
+    if "scores" in op.inputs:
+        kwargs["scores"] = scores
+    if "seed" in op.inputs:
+        kwargs["seed"] = seed
+    return op.fn(x, **kwargs, **params)
+
+
+def compress_batch(
+    x: Tensor,
+    mask: Tensor,
+    name: str,
+    *,
+    spans: list | None = None,
+    scores: Tensor | None = None,
+    seeds: list[int] | None = None,
+    features: Tensor | str | None = None,
+    **params: Any,
+) -> Compressed:
+    """:func:`compress` over a padded batch x [B, T, d] whose real tokens are ``mask`` [B, T] (bool).
+
+    Sample b is x[b][mask[b]]; its result equals (torch.equal) the single call on that sample. Returns tokens
+    [B, T'max, d] (zeros at padding), groups [B, T] (-1 at padding), positions [B, T'max] (indices within the
+    sample, -1 at padding) and mask [B, T'max]. ``spans`` and ``seeds`` are per-sample lists; ``scores`` and
+    ``features`` are [B, T] / [B, T, F] (or a features mode, applied per sample).
+    """
+    validate(name, **params)
+    if x.dim() != 3:
+        raise ValueError(f"x must be a [B, T, d] tensor, got {tuple(x.shape)}")
+    B, T, d = x.shape
+    if mask is None or tuple(mask.shape) != (B, T) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape ({B}, {T})")
+    if "seed" in OPERATORS[name].inputs and (seeds is None or len(seeds) != B):
+        raise ValueError(f"{name} needs seeds= (one int per sample, {B} in all)")
+    if spans is not None and len(spans) != B:
+        raise ValueError(f"spans must be a list of {B} per-sample spans, got {len(spans)}")
+    rows = [mask[b].nonzero().squeeze(1) for b in range(B)]
+
+    def take(t: Tensor | str | None, b: int) -> Tensor | str | None:
+        return t if t is None or isinstance(t, str) else t[b].index_select(0, rows[b].to(t.device))
+
+    results = [
+        compress(take(x, b), name, features=take(features, b), scores=take(scores, b),
+                 spans=None if spans is None else spans[b], seed=None if seeds is None else seeds[b], **params)
+        for b in range(B)
+    ]
+    n_max = max([r.n_out for r in results], default=0)
+    tokens = x.new_zeros(B, n_max, d)
+    groups = torch.full((B, T), -1, dtype=torch.long, device=x.device)
+    positions = torch.full((B, n_max), -1, dtype=torch.long, device=x.device)
+    out_mask = torch.zeros(B, n_max, dtype=torch.bool, device=x.device)
+    for b, r in enumerate(results):
+        n = r.n_out
+        tokens[b, :n] = r.tokens
+        positions[b, :n] = r.positions
+        out_mask[b, :n] = True
+        groups[b].index_copy_(0, rows[b], r.groups)
+    return Compressed(tokens, groups, positions, out_mask)
