@@ -28,7 +28,7 @@ step() {
 step "$PY" run.py -m experiment=main_results_demo                    # Table 1: 7 runs
 step "$PY" run.py -m experiment=oracle_layers_demo                   # Fig. 2, Tables 4-5: 16 runs
 step "$PY" run.py -m experiment=affinity_layers_demo                 # Fig. 4, Tables 6-7, Fig. 6 view: 24 runs
-step "$PY" run.py -m experiment=fixed_budget_demo ratio=0.8,0.6      # Table 3: 6 runs
+step "$PY" run.py -m experiment=fixed_ratio_demo ratio=0.8,0.6       # Table 3: 6 runs
 step "$PY" run.py -m experiment=group_plots_demo                     # Figs. 5, 9-11: 4 runs x 3 clips
 step "$PY" run.py -m experiment=trajectories_demo                    # Tables 9-10: 12 runs x 1 clip
 step "$PY" -m speech_redundancy.analysis experiment=cosine_dynamics_demo   # Fig. 3: no decoding

@@ -69,16 +69,25 @@ def test_every_preset_composes_with_a_deterministic_sweep_folder(name):
 def test_main_results_methods_are_the_papers_rows():
     from omegaconf import OmegaConf
 
-    cfg = compose_hydra(["experiment=main_results", "method=dap_aggressive", "data.root=/x"])
+    cfg = compose_hydra(["experiment=main_results", "intervention=dap", "data.root=/x"])
     iv = OmegaConf.to_container(cfg.intervention, resolve=True)
     assert [(p["layer"], p["params"]["threshold"], p["params"]["window"]) for p in iv["points"]] == [(0, 0.8, 1), (29, 0.7, 3)]
-    cons = compose_hydra(["experiment=main_results", "method=ap_deep_conservative", "data.root=/x"])
+    cons = compose_hydra(["experiment=main_results", "intervention=ap_deep_conservative", "data.root=/x"])
     assert OmegaConf.to_container(cons.intervention, resolve=True)["points"] == [
         {"layer": 29, "operator": "affinity", "params": {"threshold": 0.8, "window": 3, "features": "hidden"}}]
-    # the DAP row is the same run (same folder, same fingerprint) as intervention=dap
+    # the rows are the same runs (same folder, same fingerprint) as the plain interventions
     plain = compose_hydra(["intervention=dap", "model=qwen2audio", "data=librispeech", "data.root=/x"])
     assert cfg.run_name == plain.run_name
     assert OmegaConf.to_container(cfg.intervention, resolve=True) == OmegaConf.to_container(plain.intervention, resolve=True)
+    ap_in = compose_hydra(["experiment=main_results", "intervention=ap_in_conservative", "data.root=/x"])
+    same = compose_hydra(["intervention=affinity", "layer=0", "threshold=0.9", "window=1", "model=qwen2audio",
+                          "data=librispeech", "data.root=/x"])
+    assert ap_in.run_name == same.run_name
+    # the sweep axis is the table's seven rows, each composed from the intervention configs
+    rows = OmegaConf.to_container(cfg.hydra.sweeper.params)["intervention"].split(",")
+    assert len(rows) == 7 and len(set(rows)) == 7
+    names = {compose_hydra(["experiment=main_results", f"intervention={r}", "data.root=/x"]).run_name for r in rows}
+    assert len(names) == 7  # seven distinct run folders: no two sweep jobs share one
 
 
 # ------------------------------------------------------------------------------------------ demo presets run
@@ -307,7 +316,7 @@ def test_gpu_presets_run_on_the_tiny_qwen2audio(name, two_clips, tmp_path):
     """The Qwen2-Audio presets end to end (one clip, random tiny LSLM, layers moved into its 4-layer stack)."""
     from speech_redundancy.runner import run
 
-    extra = ["method=dap_aggressive"] if name in ("main_results", "prefill_efficiency") else []
+    extra = ["intervention=dap"] if name in ("main_results", "prefill_efficiency") else []
     cfg = compose_hydra([f"experiment={name}", "model=tiny_qwen2audio", "data=manifest", f"data.manifest={two_clips}",
                          "data.limit=1", "++data.buckets=null", "max_new_tokens=4", "layer=2", "++layer_deep=3", *extra])
     summary = run(cfg, tmp_path / name)
@@ -321,3 +330,16 @@ def test_cosine_dynamics_on_the_tiny_qwen2audio(two_clips, tmp_path):
     rows = [json.loads(x) for x in (out / "dynamics.jsonl").read_text().splitlines()]
     assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]  # 4 LLM layers + the normed output
     assert all(r["n_utterances"] == 2 and -1 <= r["global_mean"] <= 1 for r in rows)
+
+
+def test_presets_define_neither_sweep_folders_nor_tags():
+    """The sweep folder layout is config.yaml's alone and tags come only from the intervention configs."""
+    from omegaconf import OmegaConf
+
+    for name in PRESETS:
+        text = (CONF / "experiment" / f"{name}.yaml").read_text()
+        assert "tag:" not in text and "subdir:" not in text and "points:" not in text, name
+        cfg = compose_hydra([f"experiment={name}", "++data.root=/data"])
+        sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+        assert sweep["dir"] == "${paths.output_dir}/multirun/${experiment_name}", name
+        assert cfg.experiment_name == name
