@@ -108,8 +108,9 @@ ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# seconds between SIGTERM and SIGKILL when a job is cancelled or reaches its time limit (Slurm's default: 30)
-KillWait=1
+# seconds between SIGTERM and SIGKILL when a job is cancelled or reaches its time limit (Slurm's default: 30);
+# 0 here, so that a cancelled task stops within a second or two, as the tests expect
+KillWait=0
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -179,7 +180,7 @@ cmd_stop() {
         if [[ -n $jobs ]]; then
             say "cancelling jobs: $(echo $jobs)"
             scancel $jobs 2>/dev/null || true
-            for _ in $(seq 40); do  # KillWait=1 plus a margin
+            for _ in $(seq 40); do  # KillWait=0 plus a margin
                 [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break
                 sleep 0.5
             done

@@ -24,9 +24,10 @@ import pytest
 from conftest import ROOT
 from speech_redundancy.data.records import read_manifest
 
-# utterances per job: enough that the cancelled job is still decoding when SIGKILL arrives (1-2 s after scancel on
-# the local cluster; the tiny model decodes up to max_new_tokens=256 in 0.1-0.8 s of CPU per utterance)
-N_UTTS = 12
+# utterances per job: enough that the cancelled job is still decoding when SIGKILL arrives, which takes 1-2 s after
+# scancel on the local cluster (KillWait=0) while the tiny model decodes an utterance (up to max_new_tokens=256) in
+# 0.1-0.8 s of CPU: on the project's 2-core VM, 5 more rows were written in between
+N_UTTS = 24
 SWEEP = ["layer=0,2", "threshold=0.5,0.9"]
 SETTINGS = {(0, 0.5), (0, 0.9), (2, 0.5), (2, 0.9)}
 
@@ -122,6 +123,7 @@ def test_slurm_sweep_cancelled_job_resumes_to_one_row_per_utterance(demo_manifes
         cancel = _sh("scancel", task_id)
         assert cancel.returncode == 0, cancel.stderr
         t_cancel = time.monotonic() - t0
+        at_cancel = len(_rows(victim / "results.jsonl"))
         # the other three run to the end; the cancelled one gets SIGTERM (submitit ignores it), then SIGKILL
         while _array_tasks(array_id) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -189,5 +191,6 @@ def test_slurm_sweep_cancelled_job_resumes_to_one_row_per_utterance(demo_manifes
         rows = _rows(d / "results.jsonl")
         wer = 100 * sum(r["edits"] for r in rows) / sum(r["ref_words"] for r in rows)
         assert t.loc[layer, f"tau={tau:g} WER"] == pytest.approx(wer), (d, t)
-    print(f"slurm sweep: cancelled {task_id} after {len(cut)} of {N_UTTS} rows at {t_cancel:.0f} s; "
+    print(f"slurm sweep: cancelled {task_id} at {t_cancel:.0f} s with {at_cancel} rows, killed after {len(cut)} of "
+          f"{N_UTTS}; "
           f"first submission drained at {t_first:.0f} s; resubmission done at {t_total:.0f} s")
