@@ -95,6 +95,19 @@ def test_tiny_is_written_in_the_official_layout(folders):
     assert (ckpt_dir / "model-3-of-3.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_tiny_is_deterministic(folders, tmp_path):
+    import hashlib
+
+    again = ckpt.write_tiny(tmp_path / "a", tmp_path / "b")
+
+    def digest(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    for first, second in zip(folders, again):
+        assert digest(first) == digest(second)
+
+
 def test_loading_fits_every_tensor_and_ignores_only_mimo_and_rotary(folders, model):
     ckpt_dir, _ = folders
     stored = _state(ckpt_dir)

@@ -264,7 +264,7 @@ SPECIAL_TOKENS = {  # name -> id: the Kimi-Audio special tokens its prompts use 
     "<|im_kimia_assistant_msg_start|>": 151671, "<|im_kimia_speech_ct_id|>": 151675,
     "<|im_kimia_speech_ctd_id|>": 151676,
 }
-TINY_VERSION = 1  # bump when the tiny layout changes: folders built by another version are rebuilt
+TINY_VERSION = 2  # bump when the tiny layout changes: folders built by another version are rebuilt
 
 
 @dataclass(frozen=True)
@@ -425,12 +425,13 @@ def write_tiny(folder: str | Path, speech_folder: str | Path, shape: TinyShape =
     folders already stamped with the same shape and version are kept. Deterministic in ``shape.seed``."""
     folder, speech_folder = Path(folder), Path(speech_folder)
     stamp = _stamp(shape)
-    if all((f / ".tiny.json").is_file() and (f / ".tiny.json").read_text() == stamp
-           for f in (folder, speech_folder)):
+    if _stamped(folder, stamp) and _stamped(speech_folder, stamp):
         return folder, speech_folder
-    torch.manual_seed(shape.seed)
     raw = _tiny_config(shape)
-    for final, build in ((folder, "ckpt"), (speech_folder, "speech")):
+    for part, (final, build) in enumerate(((folder, "ckpt"), (speech_folder, "speech"))):
+        if _stamped(final, stamp):
+            continue
+        torch.manual_seed(shape.seed + part)  # each folder alone is deterministic
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         if build == "ckpt":
@@ -442,6 +443,16 @@ def write_tiny(folder: str | Path, speech_folder: str | Path, shape: TinyShape =
         else:
             _write_speech_tokenizer(tmp, shape)
         (tmp / ".tiny.json").write_text(stamp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if not _stamped(final, stamp):  # another process (a sweep job) may have finished it meanwhile
+            shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not _stamped(final, stamp):
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder, speech_folder
+
+
+def _stamped(folder: Path, stamp: str) -> bool:
+    return (folder / ".tiny.json").is_file() and (folder / ".tiny.json").read_text() == stamp
