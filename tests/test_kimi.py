@@ -382,6 +382,10 @@ def test_hidden_states_are_the_audio_span_entering_each_layer(model):
             h.remove()
     for l in range(model.n_layers):
         assert torch.allclose(states[l], seen[l][b.audio_mask[0]], atol=1e-6), l
+    with torch.inference_mode():
+        x = model.text.embed(b.input_ids, b.audio_ids, b.audio_embeds, b.audio_mask)
+        last = model.text.backbone.model(inputs_embeds=x).last_hidden_state  # after the final norm
+    assert torch.allclose(states[-1], last[0, b.audio_mask[0]], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- ablations

@@ -365,7 +365,12 @@ def tiny_folders(cfg) -> tuple[Path, Path]:
 
 def speech_tokenizer_missing(folder, missing: list[str]) -> FileNotFoundError:
     where = f"model.speech_tokenizer={folder}" if folder else "model.speech_tokenizer is not set"
-    what = "the folder does not exist" if folder and not Path(folder).is_dir() else f"missing {', '.join(missing)}"
+    if not folder:
+        what = "no folder given"
+    elif not Path(folder).is_dir():
+        what = "the folder does not exist"
+    else:
+        what = f"missing {', '.join(missing)}"
     return FileNotFoundError(
         f"{where}: the GLM-4-Voice speech tokenizer ({what}) is needed for the discrete audio stream; on a connected "
         f"machine run `huggingface-cli download {glm.HUB_ID} --local-dir <folder>`, or run "
