@@ -211,7 +211,9 @@ def test_prompts():
         "Translate the speech into Chinese and only output the translation: <|en|>"
     )
     assert get_prompt("qwen2_audio", "st", source_lang="zh", target_lang="en").endswith("translation: <|zh|>")
-    assert get_prompt("kimi_audio", "asr") == "请将音频内容转换为文字。"
+    assert get_prompt("kimi_audio", "asr") == "Please transcribe the spoken content into written text."
+    assert get_prompt("kimi_audio", "asr", source_lang="zh") == "请把这段语音转录成文本。"
+    assert get_prompt("kimi_audio", "qa") == ""
     assert get_prompt("whisper", "st_zh2en") == {"language": "zh", "task": "translate"}
     assert get_prompt("whisper", "asr", source_lang="zh") == {"language": "zh", "task": "transcribe"}
     assert get_prompt("qwen2_audio", "asr", override="Transcribe:") == "Transcribe:"

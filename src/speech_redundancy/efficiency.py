@@ -168,3 +168,56 @@ def utterance_stats(record, shape: DecoderShape, *, encoder: WhisperEncoderShape
         "total_flops": llm + enc,
         "kv_bytes": kv_bytes_analytic(shape, record.kv_tokens, bytes_per_value),
     }
+
+
+# ----------------------------------------------------------------------------- Kimi-Audio's audio front end
+@dataclass(frozen=True)
+class KimiFrontEndShape:
+    """Kimi-Audio's front end: the Whisper-large-v3 encoder (30 s windows, no pooling, no projector), the
+    GLM-4-Voice speech tokenizer (a Whisper-style stack of ``tokenizer.n_layers`` layers, pooled by ``pool`` after
+    ``tokenizer_layers_before_pool``, then a lookup among ``codes``) and the VQ adaptor (two linear layers)."""
+
+    whisper: WhisperEncoderShape
+    tokenizer: WhisperEncoderShape | None
+    tokenizer_layers_before_pool: int
+    pool: int
+    codes: int
+    adaptor_in: int
+    adaptor_hidden: int
+
+
+def whisper_stack_flops(shape: WhisperEncoderShape, frames: int, n_layers: int | None = None,
+                        pool: int = 1, layers_before_pool: int | None = None) -> int:
+    """The conv stem and encoder layers of a Whisper-style encoder over ``frames`` mel frames (conv2 halves them);
+    with ``pool`` > 1 the layers after ``layers_before_pool`` run on the pooled length."""
+    d, k = shape.hidden, shape.kernel
+    L = shape.n_layers if n_layers is None else n_layers
+    t2 = (frames - 1) // 2 + 1
+    conv = 2 * frames * shape.mels * k * d + 2 * t2 * d * k * d
+    before = L if layers_before_pool is None else layers_before_pool
+    t_after = -(-t2 // pool)
+
+    def layer(t: int) -> int:
+        return 2 * t * (4 * d * d + 2 * d * shape.ffn) + 4 * d * t * t
+
+    return conv + before * layer(t2) + (L - before) * layer(t_after)
+
+
+def kimi_frontend_flops(shape: KimiFrontEndShape, *, windows: int, tokenizer_frames: Sequence[int],
+                        tokens: int) -> dict[str, int]:
+    """Prefill FLOPs of Kimi-Audio's front end for one clip: ``windows`` 30 s Whisper windows (each always the full
+    3000 frames), the speech tokenizer over ``tokenizer_frames`` mel frames per segment (as run, padding included;
+    attention counted over the whole length although block-causal) plus its codebook distances, and the adaptor
+    over the ``tokens`` audio tokens (none when no window ran). Counted as ``FlopCounterMode`` counts them."""
+    whisper = windows * whisper_stack_flops(shape.whisper, shape.whisper.frames)
+    tok = 0
+    if shape.tokenizer is not None:
+        for frames in tokenizer_frames:
+            tok += whisper_stack_flops(shape.tokenizer, frames, pool=shape.pool,
+                                       layers_before_pool=shape.tokenizer_layers_before_pool)
+            pooled = -(-((frames - 1) // 2 + 1) // shape.pool)
+            tok += 2 * pooled * shape.tokenizer.hidden * shape.codes
+    h = shape.adaptor_hidden
+    adaptor = 2 * tokens * (shape.adaptor_in * h + h * h) if windows else 0
+    return {"whisper_flops": whisper, "speech_tokenizer_flops": tok, "adaptor_flops": adaptor,
+            "frontend_flops": whisper + tok + adaptor}

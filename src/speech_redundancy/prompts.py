@@ -12,8 +12,11 @@ Sources (facts, not code):
 - Qwen2-Audio spoken QA: the base model gets `` Your answer to the question is:`` (Kimi-Audio-Evalkit,
   qwen_audio.py, Audio-QA); the Instruct model gets the audio alone (Kimi-Audio-Evalkit Qwen2AudioChat and
   VoiceBench both send an audio-only user turn).
-- Kimi-Audio ASR: ``请将音频内容转换为文字。`` (Kimi-Audio README / infer demo). Kimi-Audio has no published
-  translation prompt: we use lmms-eval's default covost2 pre_prompt. QA: audio alone, as for Qwen2-Audio-Instruct.
+- Kimi-Audio (family ``kimi_audio``; the text instruction before the audio in the user turn), as
+  Kimi-Audio-Evalkit's data/download_benchmark.py writes its questions: ASR in English ``Please transcribe the
+  spoken content into written text.`` (LibriSpeech), in Chinese ``请把这段语音转录成文本。`` (AISHELL, WenetSpeech);
+  spoken QA: no instruction (VoiceBench, the question is in the audio). Kimi-Audio has no published translation
+  prompt: we use lmms-eval's default covost2 pre_prompt. (The Kimi-Audio README demo uses ``请将音频内容转换为文字。``.)
 - ``default`` (other audio LLMs in transformers, e.g. Voxtral): lmms-eval's model-agnostic prompts, ASR
   ``Please recognize the speech and only output the recognized content:`` (tasks/librispeech, gigaspeech) and
   the covost2 default pre_prompt for translation; QA: audio alone.
@@ -43,12 +46,18 @@ _TEMPLATES: dict[tuple[str, str], str] = {
     ("qwen2_audio_instruct", "asr"): "Detect the language and recognize the speech: <|{source}|>",
     ("qwen2_audio_instruct", "st"): "Translate the speech into {target_name} and only output the translation: <|{source}|>",
     ("qwen2_audio_instruct", "qa"): "",
-    ("kimi_audio", "asr"): "请将音频内容转换为文字。",
+    ("kimi_audio", "asr"): "Please transcribe the spoken content into written text.",
     ("kimi_audio", "st"): "Translate the speech into {target_name} and only output the translation:",
     ("kimi_audio", "qa"): "",
     ("default", "asr"): "Please recognize the speech and only output the recognized content:",
     ("default", "st"): "Translate the speech into {target_name} and only output the translation:",
     ("default", "qa"): "",
+}
+
+
+# (family, task, source language) -> template, where a family's prompt depends on the language spoken
+_LANGUAGE_TEMPLATES: dict[tuple[str, str, str], str] = {
+    ("kimi_audio", "asr", "zh"): "请把这段语音转录成文本。",
 }
 
 
@@ -101,4 +110,5 @@ def get_prompt(
         known = sorted({f for f, _ in _TEMPLATES} | {"whisper"})
         raise ValueError(f"no prompt for model family {model_family!r}; known: {known}")
     target_name = LANGUAGE_NAMES.get(target or "", target or "")
-    return _TEMPLATES[(family, base)].format(source=source, target=target, target_name=target_name)
+    template = _LANGUAGE_TEMPLATES.get((family, base, source), _TEMPLATES[(family, base)])
+    return template.format(source=source, target=target, target_name=target_name)
