@@ -24,7 +24,8 @@ from speech_redundancy.data.records import Utterance
 from speech_redundancy.models import glm4_speech_tokenizer as glm
 from speech_redundancy.models import kimi
 from speech_redundancy.models import kimi_checkpoint as ckpt
-from speech_redundancy.models.base import Point, Request
+from speech_redundancy.compress import Point
+from speech_redundancy.models.base import Request
 from speech_redundancy.models.kimi_prompt import layout
 
 # Kimi-Audio's special ids (shared/FACTS.md §8), written out here as the reference
@@ -442,7 +443,7 @@ def test_frontend_flops_match_the_flop_counter(model):
 # ----------------------------------------------------------------------------- bad input
 def test_compression_points_are_refused_for_now(model):
     with pytest.raises(ValueError, match="lands with the engine restructure"):
-        model.generate([_request(0.5)], [Point(layer=0, operator="affinity", params={"threshold": 0.8})], 2)
+        model.generate([_request(0.5)], [Point(layer=0, operator="affinity", params={"threshold": 0.8, "window": 3})], 2)
 
 
 def test_bad_requests_stop_before_compute(model):
