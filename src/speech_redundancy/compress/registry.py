@@ -184,7 +184,12 @@ def compress(
     operators ignore the inputs they do not take.
     """
     validate(name, **params)
-    op = OPERATORS[name]
+    return apply(OPERATORS[name], x, params, features=features, spans=spans, scores=scores, seed=seed)
+
+
+def apply(op: Operator, x: Tensor, params: Mapping[str, Any], *, features=None, spans=None, scores=None,
+          seed=None) -> Compressed:
+    """Call ``op`` with already valid ``params``, handing it only the per-sample inputs it takes."""
     kwargs: dict[str, Any] = {}
     if "features" in op.inputs:
         kwargs["features"] = similarity_features(x, features) if isinstance(features, str) else features

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from speech_redundancy.compress.core import Compressed, similarity_features
-from speech_redundancy.compress.registry import Point, compress
+from speech_redundancy.compress.registry import Point, apply
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,7 @@ def compress_step(x: Tensor, point: Point, state: SpanState, *, features: Featur
             raise ValueError(f"operator={point.operator} with a budget needs word windows (align the data first)")
         # word windows over the original tokens -> windows over the current ones (earlier points may have merged)
         spans = torch.searchsorted(state.origin, state.words.to(state.origin.device).contiguous())
-    out = compress(x, point.operator, features=feats, spans=spans, scores=scores, seed=state.seed,
-                   **point.operator_params())
+    out = apply(spec, x, point.operator_params(), features=feats, spans=spans, scores=scores, seed=state.seed)
     rec = state.record
     record = replace(rec, tokens_per_point=rec.tokens_per_point + (out.n_out,),
                      groups=rec.groups + (tuple(out.groups.tolist()),),
