@@ -110,7 +110,7 @@ def test_slurm_sweep_cancelled_job_resumes_to_one_row_per_utterance(demo_manifes
         deadline = time.monotonic() + 400
         while victim is None and time.monotonic() < deadline:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            for d in sorted(base.glob("affinity-*")):
+            for d in sorted(base.glob("affinity-*/shard0of1")):
                 if _rows(d / "results.jsonl") and not (d / "summary.json").exists():
                     victim = d
                     break
@@ -141,7 +141,7 @@ def test_slurm_sweep_cancelled_job_resumes_to_one_row_per_utterance(demo_manifes
     cut = _rows(victim / "results.jsonl")
     assert 1 <= len(cut) < N_UTTS and not (victim / "summary.json").exists(), (
         f"the cancelled job {task_id} was not cut short ({len(cut)} of {N_UTTS} rows): it finished before SIGKILL")
-    for d in base.glob("affinity-*"):
+    for d in base.glob("affinity-*/shard0of1"):
         if d != victim:
             assert len(_rows(d / "results.jsonl")) == N_UTTS and (d / "summary.json").exists(), d
 
@@ -150,7 +150,7 @@ def test_slurm_sweep_cancelled_job_resumes_to_one_row_per_utterance(demo_manifes
     t_total = time.monotonic() - t0
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
 
-    jobs = sorted(base.glob("affinity-*"))
+    jobs = sorted(base.glob("affinity-*/shard0of1"))  # one folder per job: <run_name>/shard<i>of<n>
     assert len(jobs) == 4, jobs
     seen = set()
     for d in jobs:
