@@ -1,29 +1,68 @@
 """Durable per-item results: one JSON line per utterance, flushed and fsynced as it is written.
 
-A run folder holds ``results.jsonl`` (rows), ``summary.json``, ``config.yaml`` (resolved) and ``run.json``
-(code version, package versions, the fingerprint of the settings that decide the results). Re-running into the same
-folder resumes: finished utterances are skipped, failed ones are retried, and the file is compacted to one row per
-utterance at the end.
+A run folder holds ``results.jsonl`` (one row per item of the run's selection: decoded, or ``status: failed`` with
+the reason, load-time failures included), ``summary.json``, ``config.yaml`` (resolved), ``run.json`` (code
+version, package versions, the settings and the fingerprint of those that decide a row), ``run.lock`` (held while a
+process works in the folder) and, after a failure, ``failed.json``. Rows decoded earlier for items outside the
+current selection (a smaller ``data.limit``) wait in ``unselected.jsonl`` and are reused when selected again.
+Re-running into the same folder resumes: finished items are skipped, failed ones are retried, and the file is
+compacted to one row per item.
+
+- :class:`FolderLock`: an exclusive ``flock`` on ``run.lock``; the kernel drops it when the process dies (kill -9,
+  scancel), so a stale lock never blocks; the holder's pid and host are written inside for the refusal message.
+- :func:`read_rows` is the one reader of results files (runner, rescore, experiments).
+- :func:`identity` / :func:`fingerprint`: what changes a row (model, task and prompt, intervention, decoding, the
+  data's identity), not what selects rows (``limit``, ``sample``, ``on_error``, shards) or how fast they come.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
 PACKAGES = ("torch", "transformers", "hydra-core", "jiwer", "sacrebleu", "numpy", "speech_redundancy")
+LOCK_NAME = "run.lock"
+UNSELECTED_NAME = "unselected.jsonl"
+FAILED_NAME = "failed.json"  # left by a run that failed: the error line and the overrides
+STATUSES = ("ok", "failed")
 
 
-def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Read a JSONL results file; malformed lines are reported as ``file:line: reason`` and skipped.
-    A missing file reads as empty."""
+# ----------------------------------------------------------------------------- reading
+def row_problem(row: Any) -> str | None:
+    """Why ``row`` is not a results row (None when it is): an object with an ``id``, a ``status`` of ok or failed,
+    and for ok rows a ``hypothesis`` string and a ``reference`` string (or list of strings)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in ("id", "status") if k not in row]
+    if row.get("status") == "ok":
+        missing += [k for k in ("reference", "hypothesis") if k not in row]
+    if missing:
+        return f"missing {missing}"
+    if row["status"] not in STATUSES:
+        return f"status must be 'ok' or 'failed', not {row['status']!r}"
+    if row["status"] == "ok":
+        ref = row["reference"]
+        if not isinstance(row["hypothesis"], str):
+            return "hypothesis is not a string"
+        if not (isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))):
+            return "reference is not a string (or list of strings)"
+    return None
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a JSONL results file, and one ``file:line: malformed result line skipped: reason`` per line that is
+    not UTF-8, not JSON or not a results row (:func:`row_problem`). A missing file reads as empty."""
+    path = Path(path)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     if not path.exists():
@@ -33,11 +72,18 @@ def read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
-                if not isinstance(row, dict) or "id" not in row:
-                    raise ValueError("not an object with an 'id'")
-            except (UnicodeDecodeError, ValueError) as e:
-                problems.append(f"{path}:{i}: malformed result line skipped ({e})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 ({e.reason} at byte {e.start})"
+            else:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem = f"not JSON ({e.msg})"
+                else:
+                    problem = row_problem(row)
+            if problem:
+                problems.append(f"{path}:{i}: malformed result line skipped: {problem}")
                 continue
             rows.append(row)
     return rows, problems
@@ -51,16 +97,91 @@ def latest_by_id(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-class ResultsLog:
-    """Append-only, crash-safe JSONL log of per-item results."""
+# ----------------------------------------------------------------------------- the folder lock
+class FolderBusy(RuntimeError):
+    """Another live process holds the run folder; the message names its pid and host."""
 
-    def __init__(self, path: Path):
+
+class FolderLock:
+    """Exclusive lock on a run folder: ``flock`` on ``<folder>/run.lock``, released by the kernel when the holder
+    exits or dies (so a lock left by a killed process is never stale). Two processes, or two opens in one process,
+    cannot both hold it. Usable as a context manager; ``acquire`` raises :class:`FolderBusy` naming the holder and
+    ``OSError`` when the folder cannot be written."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            try:
+                who = json.loads(holder)
+                who = f"pid {who['pid']} on {who['host']} since {who['since']}"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise FolderBusy(f"{self.folder} is in use by {who}; wait for it to finish or choose another "
+                             "run_name=... (hydra.run.dir=...)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        stamp = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (stamp + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock; the file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- the results log
+class ResultsLog:
+    """Append-only, crash-safe JSONL log of per-item results.
+
+    ``keep``: the ids of the run's selection. Rows of other ids are moved to ``unselected.jsonl`` at once (ok
+    rows only; a failure outside the selection is dropped), and rows found there for selected ids come back, so
+    ``results.jsonl`` always holds the selection's rows and nothing else.
+    """
+
+    def __init__(self, path: Path, keep: Iterable[str] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.unselected_path = self.path.with_name(UNSELECTED_NAME)
+        spare, spare_problems = read_rows(self.unselected_path)
         rows, self.problems = read_rows(self.path)
-        self.rows = latest_by_id(rows)
+        self.problems += spare_problems
+        self.rows = latest_by_id([*spare, *rows])
+        self.keep = None if keep is None else [str(i) for i in keep]
+        if self.keep is not None:
+            self._compact()
         self._repair_tail()
         self._f = self.path.open("a", encoding="utf-8")
+
+    def _compact(self) -> None:
+        """Write the selected rows to ``results.jsonl`` and the other ok rows to ``unselected.jsonl``."""
+        keep = set(self.keep)
+        spare = [r for i, r in self.rows.items() if i not in keep and r.get("status") == "ok"]
+        self.rows = {i: r for i, r in self.rows.items() if i in keep}
+        if spare:
+            write_jsonl(self.unselected_path, spare)
+        elif self.unselected_path.exists():
+            self.unselected_path.unlink()
+        write_jsonl(self.path, (self.rows[i] for i in self.keep if i in self.rows))
 
     def _repair_tail(self) -> None:
         # A crash mid-write can leave a last line without a newline; start the next row on a fresh line.
@@ -82,34 +203,98 @@ class ResultsLog:
         self.rows[str(row["id"])] = row
 
     def close(self, order: list[str] | None = None) -> None:
-        """Close and compact the file to one row per id (in ``order`` where given), atomically."""
+        """Close and compact the file to one row per id (in ``order``, else the selection's order), atomically."""
         self._f.close()
+        order = order if order is not None else self.keep
         ids = list(self.rows) if order is None else [i for i in order if i in self.rows]
         listed = set(ids)
         ids += [i for i in self.rows if i not in listed]
         write_jsonl(self.path, (self.rows[i] for i in ids))
 
 
+# ----------------------------------------------------------------------------- atomic writes
+def _tmp_name(path: Path) -> Path:
+    """A temporary name of this process (two processes writing one file never share it)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    def write(f):
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+
+    _atomic_write(path, write)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"))
+
+
+# ----------------------------------------------------------------------------- what decides a row
+# Keys that choose which items a run evaluates, where files go or how fast rows come, never what a row holds.
+SELECTION_KEYS = {
+    "data": ("limit", "sample", "seed", "buckets", "on_error", "shard_index", "shard_count", "audio_dir"),
+    "model": ("num_threads", "batch_size"),
+}
+
+
+def _drop_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_none(v) for v in x]
+    return x
+
+
+def identity(settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's settings that changes its rows: everything but :data:`SELECTION_KEYS` (unset keys
+    are left out, so a preset gaining a key set to null keeps its fingerprint)."""
+    out = dict(settings)
+    for node, keys in SELECTION_KEYS.items():
+        if isinstance(out.get(node), dict):
+            out[node] = {k: v for k, v in out[node].items() if k not in keys}
+    return _drop_none(out)
+
+
+def digest(obj: Any) -> str:
+    """Stable 16-hex-digit hash of a JSON-able object."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
-    """Stable hash of the settings that decide a run's per-item results."""
-    blob = json.dumps(settings, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Stable hash of the settings that decide a run's per-item results (:func:`identity`)."""
+    return digest(identity(settings))
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs (``(unset)`` for a missing one)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}{k}"
+            if k not in old or k not in new:
+                out.append(f"{key}: {old.get(k, '(unset)')!s} -> {new.get(k, '(unset)')!s}")
+            else:
+                out += differences(old[k], new[k], key + ".")
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old} -> {new}"]
 
 
 def environment() -> dict[str, Any]:
