@@ -1,7 +1,14 @@
-"""Audio input: any file soundfile reads (any rate, channels, 8/16/24-bit or float) -> 16 kHz mono float32."""
+"""Audio input: any file soundfile reads (any rate, channels, 8/16/24-bit or float) -> 16 kHz mono float32.
+
+A file that is missing, a directory, empty, unreadable, or shorter than its own header says (a WAV cut off while
+it was copied: libsndfile reads the frames that are there and notes ``data : N (should be M)`` in its log) raises
+:class:`AudioError` naming the file and the reason, at load time (:func:`check_header`, from the header alone) and
+when decoded (:func:`load_audio`).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,21 +16,42 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16_000
+_DATA_SIZE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+_STREAMED = 0x7FFFFFFF  # streaming writers put 0x7FFFFFFF / 0xFFFFFFFF in the size field: length unknown, not cut
 
 
 class AudioError(ValueError):
     """A missing, unreadable, corrupt or empty audio file; the message names the file."""
 
 
+def check_path(path: Path) -> None:
+    """:class:`AudioError` unless ``path`` is a file."""
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+
+
+def check_header(path: Path, extra_info: str) -> None:
+    """:class:`AudioError` when libsndfile's header log says the audio data is shorter than announced."""
+    m = _DATA_SIZE.search(extra_info or "")
+    if m:
+        said, has = int(m[1]), int(m[2])
+        if has < said < _STREAMED:
+            raise AudioError(f"{path}: truncated: the header announces {said} bytes of audio data, the file holds {has}")
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read ``path`` as mono float32 at ``sample_rate`` (channels averaged, resampled with soxr)."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: audio file not found")
+    check_path(path)
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            extra, sr = f.extra_info, f.samplerate
+            wav = f.read(dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError... on bad files
         raise AudioError(f"{path}: cannot read audio ({e})") from None
+    check_header(path, extra)
     if wav.shape[0] == 0:
         raise AudioError(f"{path}: audio file is empty")
     wav = wav.mean(axis=1)

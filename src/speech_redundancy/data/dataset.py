@@ -1,8 +1,10 @@
 """From the Hydra ``data`` node to the list of utterances a run evaluates.
 
-``load_dataset(cfg)`` loads the named corpus (``conf/data/<name>.yaml``), keeps the ``subset``, attaches MFA
-alignments (``align_root``), then selects: ``sample`` (seeded) -> ``limit`` -> duration ``buckets`` -> SLURM
-``shard``. It returns the records and the items that failed to load (only non-empty with ``on_error: skip``).
+``load_dataset(cfg)`` loads the named corpus (``conf/data/<name>.yaml``), attaches MFA alignments
+(``align_root``), keeps the ``subset``, refuses items whose reference is empty (nothing to score them against:
+for ASR, nothing left after the normaliser), then selects: ``sample`` (seeded) -> ``limit`` -> duration ``buckets``
+-> SLURM ``shard``. It returns the records and the items that failed to load (only non-empty with
+``on_error: skip``; the run writes each as a ``failed`` row).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from speech_redundancy.data.corpora import (
     load_sdqa,
     load_trivia_qa,
 )
-from speech_redundancy.data.corpora.common import check_on_error
+from speech_redundancy.data.corpora.common import CorpusError, check_on_error, guarded
 from speech_redundancy.data.records import Utterance
 from speech_redundancy.data.textgrid import attach_alignments, coverage
 
@@ -82,6 +84,23 @@ LOADERS: dict[str, Callable[[dict, str, list], list[Utterance]]] = {
 }
 
 
+def _check_reference(u: Utterance) -> Utterance:
+    from speech_redundancy.normalize import normalize, normalizer_id, tokenize
+
+    if not str(u.text).strip():
+        raise CorpusError(f"{u.id}: empty reference text {u.text!r}; an item without a reference cannot be scored")
+    if u.task == "asr" and not tokenize(normalize(u.text, u.language), u.language):
+        raise CorpusError(f"{u.id}: empty reference: nothing of {u.text!r} is left after the "
+                          f"{normalizer_id(u.language)} normaliser, so the item cannot be scored")
+    return u
+
+
+def with_references(utts: list[Utterance], on_error: str, failures: list[dict] | None) -> list[Utterance]:
+    """The utterances that have a reference to score against (the others raise, or are recorded with skip)."""
+    kept = [guarded(_check_reference, u, key={"id": u.id}, on_error=on_error, failures=failures) for u in utts]
+    return [u for u in kept if u is not None]
+
+
 def _unique_ids(utts: list[Utterance], name: str) -> None:
     dupes = [uid for uid, n in Counter(u.id for u in utts).items() if n > 1]
     if dupes:
@@ -130,10 +149,12 @@ def load_dataset(cfg: Any) -> tuple[list[Utterance], list[dict]]:
     if c.get("align_root") not in (None, "", MISSING):
         utts = attach_alignments(utts, Path(str(c["align_root"])).expanduser(), on_error, failures)
         log.info("data=%s: word alignments for %.1f%% of %d utterances", name, 100 * coverage(utts), len(utts))
+    if utts:
+        _unique_ids(utts, name)
+        utts = with_references(_subset(utts, c.get("subset"), name), on_error, failures)
     if failures:
         log.warning("data=%s: %d problem(s) skipped (items left out, or alignments not attached); first: %s", name, len(failures), failures[0])
     if not utts:
-        raise ValueError(f"data={name}: no utterances loaded ({len(failures)} failed)")
-    _unique_ids(utts, name)
-    utts = _subset(utts, c.get("subset"), name)
+        first = f"; first: {failures[0].get('id') or failures[0].get('file')}: {failures[0]['error']}" if failures else ""
+        raise ValueError(f"data={name}: no utterances loaded ({len(failures)} failed{first})")
     return select_utterances(utts, c), failures

@@ -7,11 +7,15 @@ A manifest line::
 
 ``audio`` is resolved relative to the manifest's folder. Optional keys: ``question``, ``choices``,
 ``answer`` (QA), ``translation`` and ``target_language`` (ST), ``source`` (provenance).
+
+A line that is not UTF-8, not a JSON object or lacks a required key is an error naming ``file:line``; with
+``on_error="skip"`` only that line is left out (recorded by its ``id`` when it has one, else by ``file:line``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,6 +54,8 @@ class Utterance:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], root: Path | None = None) -> "Utterance":
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object (got {type(d).__name__})")
         d = dict(d)
         known = {"id", "audio", "text", "duration", "language", "task", "words"}
         missing = [k for k in ("id", "audio", "text") if k not in d]
@@ -71,28 +77,48 @@ class Utterance:
         )
 
 
-def read_manifest(path: str | Path) -> list[Utterance]:
-    """Read a JSONL manifest; a malformed line raises naming the file and line."""
+class ManifestError(ValueError):
+    """A manifest line that cannot be read; the message names ``file:line``."""
+
+
+def read_manifest(path: str | Path, on_error: str = "raise", failures: list[dict] | None = None) -> list[Utterance]:
+    """Read a JSONL manifest; a malformed line raises :class:`ManifestError` naming the file and line, or with
+    ``on_error="skip"`` is left out and recorded in ``failures`` as ``{"id" or "file": "<file>:<line>", "error"}``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            record: Any = None
             try:
-                out.append(Utterance.from_json(json.loads(line), root=path.parent))
-            except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: bad manifest line ({e})") from None
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                out.append(Utterance.from_json(record, root=path.parent))
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                error = ManifestError(f"{path}:{i}: bad manifest line ({e})")
+                if on_error != "skip":
+                    raise error from None
+                if failures is not None:
+                    has_id = isinstance(record, dict) and record.get("id") not in (None, "")
+                    failures.append({"id": str(record["id"])} if has_id else {"file": f"{path}:{i}"})
+                    failures[-1]["error"] = str(error)
     return out
 
 
 def write_manifest(path: str | Path, utts: Iterable[Utterance]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for u in utts:
-            f.write(json.dumps(u.to_json(root=path.parent), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for u in utts:
+                f.write(json.dumps(u.to_json(root=path.parent), ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 
 import soundfile as sf
 
-from speech_redundancy.audio import AudioError
+from speech_redundancy.audio import AudioError, check_header, check_path
 from speech_redundancy.data.textgrid import AlignmentError
 
 T = TypeVar("T")
@@ -28,16 +28,17 @@ def check_on_error(on_error: str) -> str:
 
 
 def probe_duration(path: str | Path) -> float:
-    """Duration in seconds from the file header (no decoding); :class:`AudioError` naming a missing, corrupt or empty file."""
+    """Duration in seconds from the file header (no decoding); :class:`AudioError` naming a missing, corrupt, empty
+    or truncated file, or a directory."""
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: audio file not found")
+    check_path(path)
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: audio file is empty (0 bytes)")
     try:
         info = sf.info(str(path))
     except Exception as e:  # LibsndfileError and friends
         raise AudioError(f"{path}: cannot read audio ({str(e).split(': ')[-1]})") from None
+    check_header(path, info.extra_info)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError(f"{path}: audio file is empty")
     return round(info.frames / info.samplerate, 4)

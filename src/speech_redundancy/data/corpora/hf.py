@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -195,9 +196,12 @@ def audio_to_file(cell: Any, out_dir: Path, uid: str, base: Path) -> Path:
 
 def _atomic_write(dest: Path, write: Callable[[Path], Any]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    write(tmp)
-    tmp.replace(dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")  # shards extracting the same clips never share it
+    try:
+        write(tmp)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- loaders

@@ -18,7 +18,7 @@ def load_manifest(path: str | Path, on_error: str = "raise", failures: list[dict
     """Records of a JSONL manifest; audio paths are relative to its folder; a missing duration is read from the file."""
     check_on_error(on_error)
     utts = []
-    for u in read_manifest(path):
+    for u in read_manifest(path, on_error, failures):
         checked = guarded(_checked, u, key={"id": u.id}, on_error=on_error, failures=failures)
         if checked is not None:
             utts.append(checked)
