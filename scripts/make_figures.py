@@ -17,8 +17,10 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     table9_trajectories_<ctx>.*                                                     (oracle runs, one utterance)
     report.txt                                                                      (what was written / skipped)
 
+Everything comes from the run folders alone (group plots take word boundaries from the rows' ``word_spans``).
 Each table or figure without data is skipped with one line saying so; malformed result lines are reported as
-file:line; failed or unfinished sweep jobs are reported and the other jobs still aggregated.
+file:line; failed jobs are listed with their error and settings (their ``failed.json``), unfinished ones are
+reported, and the other jobs still aggregated.
 """
 
 from __future__ import annotations
@@ -184,14 +186,8 @@ def groups(df, runs, out, rep):
         key = (ex.context_key(r.settings), p["operator"], json.dumps(params, sort_keys=True))
         by_key.setdefault(key, []).append(r)
     all_ctx = sorted({k[0] for k in by_key})
-    words_by_data: dict[str, dict] = {}  # one dataset read per data selection, not per plotted setting
     for (ctx, op, params), rs in by_key.items():
         name = ex.context_name(df, ctx, all_ctx)
-        data_key = json.dumps(rs[0].settings.get("data") or {}, sort_keys=True, default=str)
-        if data_key not in words_by_data:
-            words_by_data[data_key] = _words(rs[0].settings, rep)
-        words_of = words_by_data[data_key]
-        rate = float((rs[0].settings.get("model") or {}).get("token_rate") or 50)
         ids = sorted(set.intersection(*[{row["id"] for row in r.rows if row.get("groups")} for r in rs]))
         for uid in ids[:5]:
             strips = []
@@ -199,30 +195,16 @@ def groups(df, runs, out, rep):
                 row = next(x for x in r.rows if x["id"] == uid)
                 strips.append({"layer": r.points[0]["layer"], "groups": row["groups"][0],
                                "hypothesis": row.get("hypothesis", "")})
-            n = max(len(s["groups"]) for s in strips)
-            spans, words = [], []
-            ws = words_of.get(uid)
-            if ws:
-                from speech_redundancy.compress import spans_from_words
-
-                spans = [tuple(s) for s in spans_from_words([w.start for w in ws], [w.end for w in ws], rate, n).tolist()]
-                words = [w.word for w in ws] if len(spans) == len(ws) else []
+            # word boundaries as the run stored them (rows of save_groups=true runs carry words and word_spans)
+            first = next(x for x in rs[0].rows if x["id"] == uid)
+            spans = [tuple(s) for s in first.get("word_spans") or []]
+            words = first.get("words") or []
+            if not spans:
+                rep.problems.append(f"group plot of {uid}: its rows carry no word_spans; plotted without word boundaries")
             p = json.loads(params)
             title = (f"{op} τ={p.get('threshold', '-')} ω={p.get('window', '-')} ({p.get('features', 'hidden')}) — {name} — "
-                     f"{uid}\nreference: {next(x for x in rs[0].rows if x['id'] == uid).get('reference', '')}")
+                     f"{uid}\nreference: {first.get('reference', '')}")
             rep.wrote(figs.group_strips(strips, spans, out / f"fig5_groups_{name}_{_slug(uid)}", title, words))
-
-
-def _words(settings, rep) -> dict:
-    """Word timings of the run's utterances, read again from its dataset (rows do not store them)."""
-    from speech_redundancy.data.dataset import load_dataset
-
-    try:
-        utts, _ = load_dataset(dict(settings.get("data") or {}))
-    except Exception as e:  # the dataset may live on another machine: plot without word boundaries
-        rep.problems.append(f"group plots: word timings unavailable ({e}); plotted without word boundaries")
-        return {}
-    return {u.id: u.words for u in utts if u.words}
 
 
 def trajectories(df, runs, out, rep, utterance=None):

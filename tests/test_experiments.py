@@ -167,10 +167,14 @@ def _fake_run(root: Path, rel: str, intervention: dict, rows: list[dict], *, dat
 
 
 def _rows(edits, ref=10, tin=100, tout=50, groups=None):
+    """Rows whose texts hold ``e`` substitutions in ``ref`` words (the scorer counts from the texts)."""
     out = []
+    words = [f"w{k}" for k in range(ref)]
     for i, e in enumerate(edits):
-        r = {"id": f"u{i}", "status": "ok", "task": "asr", "language": "en", "reference": "a b", "hypothesis": "a",
-             "edits": e, "ref_words": ref, "tokens_in": tin, "tokens_out": tout, "loop": False}
+        hyp = ["x"] * e + words[e:]
+        r = {"id": f"u{i}", "status": "ok", "task": "asr", "language": "en", "reference": " ".join(words),
+             "hypothesis": " ".join(hyp), "edits": e, "ref_words": ref, "tokens_in": tin, "tokens_out": tout,
+             "loop": False}
         if groups is not None:
             r["groups"] = [groups]
         out.append(r)

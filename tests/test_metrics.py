@@ -13,7 +13,7 @@ import sacrebleu
 from speech_redundancy import metrics as M
 from speech_redundancy.normalize import english_spelling_mapping, normalize, normalizer_id
 from speech_redundancy.prompts import get_prompt, split_task
-from speech_redundancy.rescore import read_results, rescore, trajectory_table
+from speech_redundancy.rescore import rescore, trajectory_table
 
 # ---------------------------------------------------------------------------------------------- WER / cWER
 
@@ -258,10 +258,10 @@ def test_rescore_hand_written_run(tmp_path, capsys):
     )
     summary = rescore(tmp_path)
     assert summary["n_malformed"] == 3
-    assert any(p.endswith("results.jsonl:4: not JSON (Expecting property name enclosed in double quotes)")
-               for p in summary["malformed"])
-    assert any(":5: not UTF-8" in p for p in summary["malformed"])
-    assert any(":6: missing ['hypothesis']" in p for p in summary["malformed"])
+    assert any(p.endswith("results.jsonl:4: malformed result line skipped: not JSON (Expecting property name "
+                          "enclosed in double quotes)") for p in summary["malformed"])
+    assert any(":5: malformed result line skipped: not UTF-8" in p for p in summary["malformed"])
+    assert any(":6: malformed result line skipped: missing ['hypothesis']" in p for p in summary["malformed"])
     g = summary["groups"]["asr/en"]
     assert (g["n"], g["n_failed"], g["edits"], g["ref_words"]) == (3, 1, 8, 7)
     assert g["wer"] == pytest.approx(8 / 7) and g["cwer"] == pytest.approx(4 / 7)
@@ -277,9 +277,9 @@ def test_rescore_hand_written_run(tmp_path, capsys):
     assert "skipped" in out.err
 
 
-def test_read_results_missing_file(tmp_path):
+def test_rescore_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="results file not found"):
-        read_results(tmp_path / "results.jsonl")
+        rescore(tmp_path)
 
 
 def test_trajectory_table():

@@ -7,9 +7,11 @@ utterance) and, once finished, ``summary.json``. Sweeps launched with an experim
 
 :func:`collect` scans a folder tree and returns one record per *logical run*: folders whose settings agree except
 for ``data.shard_index`` (the shards of one array job, or the same run found twice) are merged, one row per
-utterance (the last one written wins), and WER/cWER are recomputed from the rows with :func:`metrics.aggregate`.
-Everything that could not be used is returned as one line each: malformed result lines (``file:line``), folders
-without ``summary.json`` (a failed or unfinished job), missing shards, failed utterances.
+utterance (the last one written wins), and every number is recomputed from the rows with :func:`metrics.score`
+(the scorer of the run summary and of ``rescore``). Everything that could not be used is returned as one line
+each: malformed result lines (``file:line``), folders without ``summary.json`` (a failed or unfinished job),
+failed jobs (their ``failed.json``: the error and the overrides, found even where the job died before writing
+``run.json``), missing shards, failed utterances.
 
 The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``,
 ``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
@@ -26,7 +28,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from speech_redundancy import metrics
-from speech_redundancy.results import fingerprint, latest_by_id, read_rows
+from speech_redundancy.results import FAILED_NAME, digest, latest_by_id, read_rows
 
 SHARD_KEYS = ("shard_index", "shard_count")
 OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
@@ -52,7 +54,7 @@ def experiment_of(path: Path) -> str | None:
 
 
 def _hash(obj: Any) -> str:
-    return fingerprint(obj)[:10]
+    return digest(obj)[:10]
 
 
 def _without_shard(data: dict[str, Any]) -> dict[str, Any]:
@@ -136,21 +138,18 @@ def _point_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SCORE_COLUMNS = ("n_failed", "wer", "cwer", "edits", "ref_words", "bleu", "retention", "loop_rate")
+
+
 def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Corpus numbers of merged rows: WER/cWER (``metrics.aggregate``), BLEU, retention, loops, failures."""
-    ok = [r for r in rows if r.get("status", "ok") == "ok"]
-    out: dict[str, Any] = {"n": len(ok), "n_failed": len(rows) - len(ok)}
-    asr = [r for r in ok if r.get("task", "asr") == "asr" and r.get("edits") is not None]
-    if asr:
-        agg = metrics.aggregate(asr)
-        out.update(wer=agg["wer"], cwer=agg["cwer"], edits=agg["edits"], ref_words=agg["ref_words"])
-    st = [r for r in ok if r.get("task") == "st"]
-    if st:
-        target = st[0].get("target_language") or "en"
-        out["bleu"] = metrics.corpus_bleu([r["reference"] for r in st], [r["hypothesis"] for r in st], target)["bleu"]
-    tin = sum(r.get("tokens_in") or 0 for r in ok)
-    out["retention"] = sum(r.get("tokens_out") or 0 for r in ok) / tin if tin else math.nan
-    out["loop_rate"] = sum(bool(r.get("loop")) for r in ok) / len(ok) if ok else math.nan
+    """The table columns of merged rows, from :func:`metrics.score`: ``n`` (utterances scored), ``n_failed``,
+    WER/cWER and their counts, BLEU, retention, loop rate (NaN where there is nothing to score)."""
+    got = metrics.score(rows)
+    out: dict[str, Any] = {"n": got["n_utterances"]}
+    for key in SCORE_COLUMNS:
+        if key in got or key in ("retention", "loop_rate"):
+            value = got.get(key)
+            out[key] = math.nan if value is None else value
     return out
 
 
@@ -223,9 +222,27 @@ def submitit_failures(root: str | Path) -> list[str]:
     return out
 
 
+def failed_jobs(root: str | Path) -> list[str]:
+    """One line per run folder under ``root`` holding a ``failed.json``: the folder, the error, the overrides."""
+    root = Path(root)
+    out = []
+    for marker in sorted(root.rglob(FAILED_NAME)) if root.exists() else []:
+        if any(part.startswith(".") for part in marker.parent.relative_to(root).parts):
+            continue
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            error, overrides = info["error"], " ".join(info.get("overrides") or []) or "(no overrides)"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out.append(f"{marker}: unreadable failure marker ({e})")
+            continue
+        out.append(f"{marker.parent}: job failed: {error} [settings: {overrides}]")
+    return out
+
+
 def collect(root: str | Path) -> tuple[pd.DataFrame, list[Run], list[str]]:
     """(one row per logical run, the runs, problems) for every run folder under ``root``."""
     runs, problems = load_runs(root)
+    problems += failed_jobs(root)
     problems += submitit_failures(root)
     df = pd.DataFrame([r.describe() for r in runs])
     return df, runs, problems

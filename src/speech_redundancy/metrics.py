@@ -7,9 +7,16 @@ its reference length, cWER = Σ_i min(E_i, N_i) / Σ_i N_i, so one looping hypot
 reference length. For Mandarin (``zh``, also ``yue``, ``ja``) the units are characters: the ``wer`` key then
 holds a character error rate and ``unit`` says ``"char"``. Normalisation: :mod:`speech_redundancy.normalize`.
 
-Edge cases: an empty reference has N_i = 0 and E_i = the hypothesis length (all insertions); it adds E_i to WER,
-nothing to cWER, and is counted in ``empty_refs``. An empty hypothesis is all deletions. With no reference unit
-at all, the rates are NaN.
+Edge cases: an empty reference has N_i = 0 and E_i = the hypothesis length (all insertions); in
+:func:`corpus_wer` it adds E_i to WER, nothing to cWER, and is counted in ``empty_refs``; :func:`score` leaves it
+out of both and counts it (runs refuse such items at load). An empty hypothesis is all deletions. With no reference
+unit at all, the rates are NaN.
+
+:func:`score` is the one scorer of results rows: the run summary (``runner``), ``rescore`` and the tables
+(``experiments``) all call it. It recomputes every count from each row's reference and hypothesis under a named
+scoring ``protocol``; only ``"paper"`` (Whisper English normaliser, Mandarin characters, corpus WER and cWER,
+sacrebleu ``zh``/``13a``) exists so far. A harness's protocol (kimi_evalkit, lmms_eval, ultraeval, audiobench:
+shared/FACTS.md §6) would be one more entry in :data:`PROTOCOLS` with its own normaliser and BLEU tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import jiwer
 
 from speech_redundancy.normalize import CHAR_LANGUAGES, normalize, normalizer_id, strip_special_tokens, tokenize, unit
+from speech_redundancy.prompts import split_task
 
 # ----------------------------------------------------------------------------------------------- WER and cWER
 
@@ -266,3 +274,120 @@ def qa_accuracy(verdicts: Iterable[bool | None | dict[str, Any]]) -> dict[str, A
         "n_failed": failed,
         "n": judged + failed,
     }
+
+
+# ----------------------------------------------------------------------------------------------- results rows
+
+PROTOCOLS = ("paper",)  # named scoring protocols; see the module docstring
+
+
+def group_key(row: dict[str, Any]) -> tuple[str, str, str | None]:
+    """(task, source language, target language) of a results row: ``("st", "en", "zh")`` for en->zh translation
+    (task ``st_en2zh``, or ``st`` with ``target_language``), ``("asr", "en", None)`` for English ASR."""
+    base, src, tgt = split_task(str(row.get("task") or "asr"))
+    language = str(row.get("language") or "en")
+    if base == "st":
+        tgt = row.get("target_language") or tgt
+        if tgt is None:
+            tgt = "en" if language in CHAR_LANGUAGES else "zh"
+    return base, src or language, tgt
+
+
+def _output_language(row: dict[str, Any]) -> str:
+    task, lang, tgt = group_key(row)
+    return str(tgt) if task == "st" else lang
+
+
+def _reference(row: dict[str, Any]) -> str:
+    ref = row["reference"]
+    return ref if isinstance(ref, str) else (ref[0] if ref else "")
+
+
+def _asr_counts(rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """Per-row edit counts, each row under its own language (one jiwer call per language)."""
+    counts: list[dict[str, int] | None] = [None] * len(rows)
+    by_lang: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_lang.setdefault(str(r.get("language") or "en"), []).append(i)
+    for lang, idx in by_lang.items():
+        got = utterance_counts([_reference(rows[i]) for i in idx], [rows[i]["hypothesis"] for i in idx], language=lang)
+        for i, c in zip(idx, got):
+            counts[i] = c
+    return counts  # type: ignore[return-value]
+
+
+def _same(values: set[str]) -> str | None:
+    return next(iter(values)) if len(values) == 1 else ("mixed" if values else None)
+
+
+def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any = None,
+          judge_cache: Any = None) -> dict[str, Any]:
+    """Corpus numbers of results rows (rates as fractions; BLEU 0-100).
+
+    Keys: ``n`` (rows), ``n_utterances`` (ok rows), ``n_failed``, ``failed`` (``[{id, error}]``); ASR rows:
+    ``wer``, ``cwer``, ``edits``, ``ref_words``, ``substitutions``/``deletions``/``insertions``, ``unit``,
+    ``normalizer``, ``empty_refs`` (ok rows whose reference is empty after normalisation: not scored) and
+    ``by_kind`` when rows carry several ``kind``s; translation rows: ``bleu``, ``bleu_tokenize``,
+    ``target_language`` (``bleu_by_target`` when several); QA rows with a ``judge``: ``accuracy``, ``correct``,
+    ``n_judged``, ``n_judge_failed``, ``judge``, ``judge_errors``; every ok row: ``loop_rate``, ``switch_rate``,
+    ``empty_rate``, ``retention`` (tokens out / tokens in over the rows that carry them), ``retention_mean``,
+    ``seconds``. Failed rows are counted, never scored.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"scoring protocol {protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
+    rows = list(rows)
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    out: dict[str, Any] = {
+        "protocol": protocol, "n": len(rows), "n_utterances": len(ok), "n_failed": len(rows) - len(ok),
+        "failed": [{"id": r.get("id"), "error": r.get("error")} for r in rows if r.get("status", "ok") != "ok"],
+    }
+    asr = [r for r in ok if group_key(r)[0] == "asr"]
+    if asr:
+        counts = _asr_counts(asr)
+        scored = [(r, c) for r, c in zip(asr, counts) if c["ref_words"] > 0]
+        out.update({k: v for k, v in _rates(c for _, c in scored).items() if k not in ("n", "empty_refs")})
+        out["empty_refs"] = len(asr) - len(scored)
+        langs = {str(r.get("language") or "en") for r in asr}
+        out["unit"] = _same({unit(lang) for lang in langs})
+        out["normalizer"] = _same({normalizer_id(lang) for lang in langs})
+        kinds = sorted({str(r["kind"]) for r, _ in scored if r.get("kind")})
+        if len(kinds) > 1:
+            out["by_kind"] = {}
+            for kind in kinds:
+                agg = _rates(c for r, c in scored if str(r.get("kind")) == kind)
+                out["by_kind"][kind] = {k: agg[k] for k in ("wer", "cwer", "edits", "ref_words", "n")}
+    st = [r for r in ok if group_key(r)[0] == "st"]
+    if st:
+        by_target: dict[str, list[dict[str, Any]]] = {}
+        for r in st:
+            by_target.setdefault(str(group_key(r)[2]), []).append(r)
+        bleu = {tgt: corpus_bleu([_reference(r) for r in rs], [r["hypothesis"] for r in rs], tgt)
+                for tgt, rs in sorted(by_target.items())}
+        if len(bleu) == 1:
+            (tgt, b), = bleu.items()
+            out.update(bleu=b["bleu"], bleu_signature=b["signature"], bleu_tokenize=b["tokenize"], target_language=tgt)
+        else:
+            out["bleu_by_target"] = {tgt: b["bleu"] for tgt, b in bleu.items()}
+    qa = [r for r in ok if group_key(r)[0] == "qa"]
+    if qa and judge is not None:
+        from speech_redundancy.judge import judge_all
+
+        verdicts = judge_all(qa, judge, cache_path=judge_cache)
+        acc = qa_accuracy(v["verdict"] for v in verdicts)
+        out.update(accuracy=acc["accuracy"], correct=acc["correct"], n_judged=acc["n_judged"],
+                   n_judge_failed=acc["n_failed"], judge=judge.id,
+                   judge_errors=sorted({v["error"] for v in verdicts if v["error"]})[:5])
+    if ok:
+        hyps = [(r["hypothesis"], _output_language(r)) for r in ok]
+        out["loop_rate"] = sum(repetition_loop(h, lang) for h, lang in hyps) / len(ok)
+        out["switch_rate"] = sum(language_switch(h, lang) for h, lang in hyps) / len(ok)
+        out["empty_rate"] = sum(is_empty(h) for h, _ in hyps) / len(ok)
+    else:
+        out["loop_rate"] = out["switch_rate"] = out["empty_rate"] = None
+    with_tokens = [r for r in ok if r.get("tokens_in")]
+    tokens_in = sum(r["tokens_in"] for r in with_tokens)
+    out["retention"] = sum(r.get("tokens_out") or 0 for r in with_tokens) / tokens_in if tokens_in else None
+    out["retention_mean"] = (sum((r.get("tokens_out") or 0) / r["tokens_in"] for r in with_tokens) / len(with_tokens)
+                             if with_tokens else None)
+    out["seconds"] = sum(r.get("seconds") or 0.0 for r in ok)
+    return out

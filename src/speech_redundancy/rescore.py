@@ -9,129 +9,51 @@ A results row::
      # failed rows: "status": "failed", "error": "..."
      # trajectories: "layer", "operator", "budget" and/or "threshold", "loop", "language_switch"}
 
-Rows are scored per (task, language, target language). Failed rows are counted, not scored. A line that is not
-UTF-8, not JSON, or lacks a required key is reported as ``file:line: reason`` and skipped (counted).
+Rows are scored per (task, language, target language) with :func:`speech_redundancy.metrics.score`, the scorer
+the run summary and the tables use; rows are read with :func:`speech_redundancy.results.read_rows`, the one reader.
+Failed rows are counted, not scored. A line that is not UTF-8, not JSON, or lacks a required key is reported as
+``file:line: reason`` and skipped (counted).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from speech_redundancy.judge import Judge, OfflineJudge, judge_all
-from speech_redundancy.metrics import (
-    corpus_bleu,
-    corpus_wer,
-    failure_rates,
-    language_switch,
-    qa_accuracy,
-    repetition_loop,
-)
+from speech_redundancy.judge import Judge, OfflineJudge
+from speech_redundancy.metrics import group_key, language_switch, repetition_loop, score
 from speech_redundancy.normalize import CHAR_LANGUAGES
-from speech_redundancy.prompts import split_task
-from speech_redundancy.results import write_json
-
-REQUIRED = ("id", "task", "language", "status")
-REQUIRED_OK = ("reference", "hypothesis")
+from speech_redundancy.results import read_rows, write_json
 
 
-def _row_problem(row: Any) -> str | None:
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    missing = [k for k in REQUIRED if k not in row]
-    if row.get("status") == "ok":
-        missing += [k for k in REQUIRED_OK if k not in row]
-    if missing:
-        return f"missing {missing}"
-    if row["status"] not in ("ok", "failed"):
-        return f"status must be 'ok' or 'failed', not {row['status']!r}"
-    if row["status"] == "ok":
-        if not isinstance(row["hypothesis"], str):
-            return "hypothesis is not a string"
-        ref = row["reference"]
-        if not (isinstance(ref, str) or (isinstance(ref, list) and all(isinstance(r, str) for r in ref))):
-            return "reference is not a string (or list of strings)"
-    return None
-
-
-def read_results(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a results JSONL and one ``file:line: reason`` per skipped line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    rows, problems = [], []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: not JSON ({e.msg})")
-                continue
-            problem = _row_problem(row)
-            if problem:
-                problems.append(f"{path}:{n}: {problem}")
-                continue
-            rows.append(row)
-    return rows, problems
-
-
-def _group_key(row: dict[str, Any]) -> tuple[str, str, str | None]:
-    base, src, tgt = split_task(str(row["task"]))
-    if base == "st":
-        tgt = row.get("target_language") or tgt
-        if tgt is None:
-            tgt = "en" if row["language"] in CHAR_LANGUAGES else "zh"
-    return base, src or str(row["language"]), tgt
-
-
-def score_group(task: str, language: str, target: str | None, rows: list[dict[str, Any]], judge: Judge | None = None, cache_path: Path | None = None) -> dict[str, Any]:
-    """Metrics of one (task, language, target) group of rows: WER/cWER, BLEU or accuracy, plus failure rates."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    out: dict[str, Any] = {"task": task, "language": language, "n": len(rows), "n_failed": len(rows) - len(ok)}
-    hyps = [r["hypothesis"] for r in ok]
-    if task == "asr":
-        refs = [r["reference"] if isinstance(r["reference"], str) else r["reference"][0] for r in ok]
-        out.update({k: v for k, v in corpus_wer(refs, hyps, language=language).items() if k != "n"})
-        out.update(failure_rates(hyps, language))
-    elif task == "st":
-        refs = [r["reference"] if isinstance(r["reference"], str) else r["reference"][0] for r in ok]
-        out["target_language"] = target
-        out.update({k: v for k, v in corpus_bleu(refs, hyps, target).items() if k != "n"})
-        out.update(failure_rates(hyps, target))
-    elif task == "qa":
-        judge = judge or OfflineJudge()
-        verdicts = judge_all(ok, judge, cache_path=cache_path)
-        out["judge"] = judge.id
-        acc = qa_accuracy(v["verdict"] for v in verdicts)
-        out.update(accuracy=acc["accuracy"], correct=acc["correct"], n_judged=acc["n_judged"], n_judge_failed=acc["n_failed"])
-        out["judge_errors"] = sorted({v["error"] for v in verdicts if v["error"]})[:5]
-        out.update(failure_rates(hyps, language))
-    else:
+def score_group(task: str, language: str, target: str | None, rows: list[dict[str, Any]], judge: Judge | None = None,
+                cache_path: Path | None = None, protocol: str = "paper") -> dict[str, Any]:
+    """Metrics of one (task, language, target) group of rows (:func:`metrics.score`; QA judged, offline by default)."""
+    if task not in ("asr", "st", "qa"):
         raise ValueError(f"cannot score task {task!r}; expected asr, st or qa")
-    out["n"] = len(rows)
+    out: dict[str, Any] = {"task": task, "language": language}
+    if task == "st":
+        out["target_language"] = target
+    out.update(score(rows, protocol, judge=(judge or OfflineJudge()) if task == "qa" else None,
+                     judge_cache=cache_path))
     return out
 
 
 def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Score ``<run_dir>/results.jsonl`` again, write ``<run_dir>/rescored.json``, print a table, return the dict."""
     run_dir = Path(run_dir)
-    rows, problems = read_results(run_dir / "results.jsonl")
+    path = run_dir / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    rows, problems = read_rows(path)
     for p in problems:
-        print(f"skipped {p}", file=sys.stderr)
+        print(p, file=sys.stderr)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[_group_key(r)].append(r)
+        groups[group_key(r)].append(r)
     cache_path = run_dir / "judge_cache.jsonl" if cache else None
     scored = {}
     for (task, lang, tgt), grp in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -165,14 +87,14 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for name, g in summary["groups"].items():
         if g["task"] == "asr":
-            metric, score, cwer = ("CER%" if g.get("unit") == "char" else "WER%"), _pct(g["wer"]), _pct(g["cwer"])
+            metric, value, cwer = ("CER%" if g.get("unit") == "char" else "WER%"), _pct(g.get("wer")), _pct(g.get("cwer"))
         elif g["task"] == "st":
-            metric, score, cwer = "BLEU", f"{g['bleu']:.2f}", "-"
+            metric, value, cwer = "BLEU", "-" if g.get("bleu") is None else f"{g['bleu']:.2f}", "-"
         else:
-            metric, score, cwer = "Acc%", _pct(g["accuracy"]), "-"
+            metric, value, cwer = "Acc%", _pct(g.get("accuracy")), "-"
         lines.append(
-            f"{name:<12} {g['n']:>6} {g['n_failed']:>6} {metric:<9} {score:>8} {cwer:>7} "
-            f"{_pct(g['loop_rate']):>6} {_pct(g['switch_rate']):>7} {_pct(g['empty_rate']):>6}"
+            f"{name:<12} {g['n']:>6} {g['n_failed']:>6} {metric:<9} {value:>8} {cwer:>7} "
+            f"{_pct(g.get('loop_rate')):>6} {_pct(g.get('switch_rate')):>7} {_pct(g.get('empty_rate')):>6}"
         )
     if summary.get("n_malformed"):
         lines.append(f"({summary['n_malformed']} malformed lines skipped)")
