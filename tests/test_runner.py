@@ -169,7 +169,7 @@ def test_oracle_needs_alignment(real_subset, tmp_path):
     manifest = tmp_path / "m.jsonl"
     write_manifest(manifest, utts)
     cfg = compose(TINY + ["data=manifest", f"data.manifest={manifest}", "intervention=oracle", "layer=1"])
-    with pytest.raises(ValueError, match=utts[0].id):
+    with pytest.raises(RunError, match=f"{utts[0].id}: the oracle needs word alignments"):
         run(cfg, tmp_path / "out")
 
 

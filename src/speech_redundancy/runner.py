@@ -2,11 +2,25 @@
 
 ``run(cfg, out_dir)`` is the whole loop; ``main_from_hydra`` is what ``python run.py`` calls. Every utterance's row
 is written durably as soon as it is decoded, so an interrupted run resumes where it stopped.
+
+Order of a run: settings checks (``batch_size``, ``max_new_tokens``, ``seed``, points, the layer range from the model
+preset) before anything is written; the folder lock (:class:`~speech_redundancy.results.FolderLock`: a second
+process on the same folder is refused); the settings check against the folder's ``run.json`` (only what changes a
+row counts, and a refusal names the keys that differ); the data, whose load failures become ``failed`` rows;
+checks that need the data (oracle without word alignments); then the model, loaded only when something is left to
+decode. A batch that fails is decoded again one item at a time, so only the bad item fails (``data.on_error=skip``)
+or is named (otherwise). The summary is :func:`speech_redundancy.metrics.score` over the rows in
+``results.jsonl``. The CLI exits 0 on success, 1 when nothing was scored, 2 on an error, 130 on Ctrl-C (one line
+saying what was saved and how to resume); a failed run leaves ``failed.json`` (the error, the overrides).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,14 +34,97 @@ from speech_redundancy.audio import AudioError, load_audio
 from speech_redundancy.compress import Point
 from speech_redundancy.models.base import Request
 from speech_redundancy.signal import time_stretch
-from speech_redundancy.results import ResultsLog, environment, fingerprint, write_json
+from speech_redundancy.results import (
+    FAILED_NAME,
+    FolderBusy,
+    FolderLock,
+    ResultsLog,
+    differences,
+    digest,
+    environment,
+    identity,
+    read_rows,
+    write_json,
+)
 
-# Settings that decide per-item results: a run folder holding results of other settings is never resumed.
+# The settings recorded in run.json; their identity (results.identity: without the selection keys) decides whether a
+# folder's rows can be resumed.
 RESULT_KEYS = ("model", "data", "task", "intervention", "seed", "max_new_tokens")
+MARKER = FAILED_NAME  # left in the run folder by a run that failed: the error and the overrides
 
 
 class RunError(RuntimeError):
     """A run-level problem reported to the user as one line."""
+
+
+class FolderInUse(RunError):
+    """Another process works in the run folder (no failure marker is written there)."""
+
+
+# ----------------------------------------------------------------------------- settings
+def _integer(cfg: DictConfig, key: str, minimum: int | None) -> int:
+    value = cfg.get(key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+    if not ok:
+        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        raise RunError(f"{key}={value!r} is not allowed: use {allowed}")
+    return value
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """One line for a run-level number that is not one: ``batch_size``, ``max_new_tokens``, ``seed``."""
+    _integer(cfg, "batch_size", 1)
+    _integer(cfg, "max_new_tokens", 1)
+    _integer(cfg, "seed", None)
+
+
+def _static_depth(model_cfg: DictConfig) -> tuple[int, str] | None:
+    """(last valid layer, what 0 and the last are) from what is known without loading the weights, or None."""
+    family = model_cfg.get("family")
+    if family == "whisper":
+        from speech_redundancy import weights
+
+        try:
+            folder = weights.model_dir(str(model_cfg.checkpoint))
+        except Exception:  # an unknown checkpoint: the loader says so
+            return None
+        if not weights.is_converted(folder):
+            return None
+        n = int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["encoder_layers"])
+        return n, f"0 = encoder input after the conv stem, {n} = encoder output"
+    if family == "qwen2audio" and model_cfg.get("n_layers") is not None:  # the loader checks it against the weights
+        n = int(model_cfg.n_layers)
+        return n - 1, "0 = the spliced input embeddings"
+    return None
+
+
+def check_layers_before_load(cfg: DictConfig, points: list[Point]) -> None:
+    """The layer range, from the model preset's static facts, before the weights load (the adapter's
+    ``check_points`` stays the authority once they have)."""
+    depth = _static_depth(cfg.model)
+    if depth is None:
+        return
+    last, what = depth
+    for p in points:
+        if not 0 <= p.layer <= last:
+            raise RunError(f"layer={p.layer} is out of range for {cfg.model.name}: allowed 0..{last} ({what})")
+
+
+def check_alignments(points: list[Point], utts: list, on_error: str) -> tuple[list, list[dict]]:
+    """Oracle points need word timings: the utterances without them raise (or, with skip, become failures)."""
+    if not any(p.needs_spans for p in points):
+        return utts, []
+    missing = [u for u in utts if not u.words]
+    if not missing:
+        return utts, []
+    if on_error != "skip":
+        raise RunError(
+            f"{missing[0].id}: the oracle needs word alignments, and {len(missing)} of {len(utts)} selected "
+            "utterances have none; align the dataset first (data.align_root=..., docs/datasets.md) or pass "
+            "data.on_error=skip"
+        )
+    failures = [{"id": u.id, "error": f"{u.id}: no word alignments (the oracle needs them)"} for u in missing]
+    return [u for u in utts if u.words], failures
 
 
 # ----------------------------------------------------------------------------- config -> points
@@ -74,7 +171,9 @@ def _build_model(model_cfg: DictConfig):
 
 
 # ----------------------------------------------------------------------------- per-item rows
-def item_row(utt, out, *, save_groups: bool) -> dict[str, Any]:
+def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None) -> dict[str, Any]:
+    """The results row of a decoded item. With ``save_groups``: each point's group map and, when the item has word
+    timings, its ``words`` and their ``word_spans`` ([start, end) over the input tokens) for the group plots."""
     from speech_redundancy import metrics
 
     row: dict[str, Any] = {
@@ -100,51 +199,33 @@ def item_row(utt, out, *, save_groups: bool) -> dict[str, Any]:
             row[key] = utt.extra[key]
     if save_groups:
         row["groups"] = out.groups
+        if utt.words and token_rate and out.tokens_in:
+            words = sorted(utt.words, key=lambda w: (w.start, w.end))
+            spans = ops.spans_from_words([w.start for w in words], [w.end for w in words], token_rate, out.tokens_in)
+            row["word_spans"] = spans.tolist()
+            if len(spans) == len(words):  # every word kept a token: the labels line up with the spans
+                row["words"] = [w.word for w in words]
     return row
 
 
 def failed_row(utt, error: str) -> dict[str, Any]:
-    return {"id": utt.id, "status": "failed", "error": error, "task": utt.task, "language": utt.language,
-            "reference": utt.text, "kind": utt.extra.get("kind")}
+    return {"id": utt.id, "status": "failed", "stage": "decode", "error": error, "task": utt.task,
+            "language": utt.language, "reference": utt.text, "kind": utt.extra.get("kind")}
+
+
+def load_failed_row(failure: dict[str, Any], task: str, language: str) -> dict[str, Any]:
+    """The row of an item that failed at load time: its id, or ``file[:line]`` when it has none."""
+    row = {"id": str(failure.get("id") or failure.get("file")), "status": "failed", "stage": "load",
+           "error": failure.get("error"), "task": task, "language": language}
+    if failure.get("id") and failure.get("file"):
+        row["file"] = failure["file"]
+    return row
 
 
 # ----------------------------------------------------------------------------- summary
-def summarize(rows: list[dict[str, Any]], load_failures: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """Corpus-level numbers from per-item rows: WER, cWER (paper §3.2), retention, failures."""
-    from speech_redundancy import metrics
-
-    ok = [r for r in rows if r.get("status") == "ok"]
-    failed = [{"id": r["id"], "error": r.get("error")} for r in rows if r.get("status") != "ok"]
-    failed += [dict(f) for f in load_failures]
-    summary: dict[str, Any] = {"n_utterances": len(ok), "n_failed": len(failed)}
-    asr = [r for r in ok if r.get("task") == "asr"]
-    if asr:
-        agg = metrics.aggregate(asr)
-        summary.update(wer=agg["wer"], cwer=agg["cwer"], edits=agg["edits"], ref_words=agg["ref_words"])
-        kinds = sorted({r.get("kind") for r in asr if r.get("kind")})
-        if len(kinds) > 1:
-            summary["by_kind"] = {
-                k: {key: v for key, v in metrics.aggregate([r for r in asr if r.get("kind") == k]).items()
-                    if key in ("wer", "cwer", "edits", "ref_words", "n")}
-                for k in kinds
-            }
-    st = [r for r in ok if r.get("task") == "st"]
-    if st:
-        target = st[0].get("target_language") or "en"
-        summary["bleu"] = metrics.corpus_bleu([r["reference"] for r in st], [r["hypothesis"] for r in st],
-                                              target)["bleu"]
-    tokens_in = sum(r["tokens_in"] for r in ok)
-    summary["retention"] = sum(r["tokens_out"] for r in ok) / tokens_in if tokens_in else None
-    summary["retention_mean"] = sum(r["retention"] for r in ok) / len(ok) if ok else None
-    summary["loop_rate"] = sum(bool(r.get("loop")) for r in ok) / len(ok) if ok else None
-    summary["seconds"] = sum(r.get("seconds") or 0.0 for r in ok)
-    summary["failed"] = failed
-    return summary
-
-
 def format_summary(summary: dict[str, Any], title: str) -> str:
     def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
     lines = [title, f"{'utterances':>12} {'failed':>7} {'WER %':>8} {'cWER %':>8} {'retention %':>12} {'loops %':>8}"]
     lines.append(
@@ -163,28 +244,57 @@ def format_summary(summary: dict[str, Any], title: str) -> str:
 # ----------------------------------------------------------------------------- the run
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run ``cfg`` into ``out_dir`` (resuming what is already there) and return the summary."""
+    out_dir = Path(out_dir)
+    check_settings(cfg)
+    points = build_points(cfg)
+    check_layers_before_load(cfg, points)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out_dir).acquire()
+    except FolderBusy as e:
+        raise FolderInUse(str(e)) from None
+    except OSError as e:
+        raise RunError(f"{out_dir}: cannot write the run folder ({e.strerror or e})") from None
+    try:
+        return _run_locked(cfg, out_dir, points)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str, Any]:
+    from speech_redundancy import metrics
     from speech_redundancy.data.dataset import load_dataset
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    points = build_points(cfg)
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
                 for k in RESULT_KEYS}
-    fp = fingerprint(settings)
-    _check_resume(out_dir, fp, cfg)
+    ident = identity(settings)
+    fp = digest(ident)
+    _check_resume(out_dir, ident, fp, cfg)
+    for stale in ("summary.json", MARKER):  # written again when this run ends
+        (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    write_json(out_dir / "run.json", {"fingerprint": fp, "settings": settings, **environment()})
+    write_json(out_dir / "run.json", {"fingerprint": fp, "identity": ident, "settings": settings, **environment()})
 
-    utts, load_failures = load_dataset(cfg.data)
-    if not utts and not load_failures:
+    on_error = cfg.data.get("on_error", "raise")
+    utts, failures = load_dataset(cfg.data)
+    utts, unaligned = check_alignments(points, utts, on_error)
+    if not utts and not failures and not unaligned:
         raise RunError(f"data={cfg.data.name}: no utterances selected")
-    log = ResultsLog(out_dir / "results.jsonl")
+    task = str(utts[0].task if utts else cfg.task.get("name", "asr"))
+    language = str(utts[0].language if utts else cfg.data.get("language") or cfg.task.get("language") or "en")
+    selected = {u.id for u in utts}
+    load_rows = [load_failed_row(f, task, language) for f in failures + unaligned]
+    load_rows = [r for r in load_rows if r["id"] not in selected]  # an item that loaded after all is decoded
+    order = [u.id for u in utts] + list(dict.fromkeys(r["id"] for r in load_rows))
+    log = ResultsLog(out_dir / "results.jsonl", keep=order)
     for msg in log.problems:
         print(msg, file=sys.stderr)
+    for row in load_rows:
+        if not log.done(row["id"]):
+            log.append(row)
     todo = [u for u in utts if not log.done(u.id)]
     if len(todo) < len(utts):
         print(f"resuming {out_dir}: {len(utts) - len(todo)} of {len(utts)} utterances already done")
-    on_error = cfg.data.get("on_error", "raise")
     try:
         if todo:
             model = load_model(cfg.model)
@@ -192,62 +302,77 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 model.check_points(points)
             _decode(cfg, model, points, todo, log, on_error)
     finally:
-        log.close(order=[u.id for u in utts])
-    rows = [log.rows[u.id] for u in utts if u.id in log.rows]
-    summary = summarize(rows, load_failures)
+        log.close(order=order)
+    rows = [log.rows[i] for i in order if i in log.rows]
+    summary = metrics.score(rows)
     summary.update(model=cfg.model.name, data=cfg.data.name, intervention=cfg.intervention.tag,
-                   points=[vars(p) for p in points])
+                   points=[p.as_dict() for p in points])
     write_json(out_dir / "summary.json", summary)
     print(format_summary(summary, f"{cfg.model.name} | {cfg.data.name} | {cfg.intervention.tag} -> {out_dir}"))
     return summary
 
 
 def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str) -> None:
-    bs = max(1, int(cfg.get("batch_size", 1)))
+    bs = int(cfg.get("batch_size", 1))
     prompt = cfg.task.get("prompt") if "task" in cfg else None
+    save_groups = bool(cfg.get("save_groups", False))
+    speedup = cfg.intervention.get("speedup")
     bar = tqdm(total=len(todo), desc=f"{cfg.model.name} {cfg.intervention.tag}", unit="utt", dynamic_ncols=True)
     edits = words = 0
-    speedup = cfg.intervention.get("speedup")
-    for start in range(0, len(todo), bs):
-        batch = todo[start:start + bs]
-        requests = []
-        for utt in batch:
-            try:
-                audio = load_audio(utt.audio)
-            except AudioError as e:
-                if on_error != "skip":
-                    raise
-                log.append(failed_row(utt, str(e)))
-                bar.update(1)
+
+    def failed(utt, error: Exception) -> None:
+        message = str(error) if str(error).startswith(utt.id) else f"{utt.id}: {error}"
+        if on_error != "skip":
+            raise RunError(message) from error
+        log.append(failed_row(utt, message))
+        bar.update(1)
+
+    def done(req, out) -> None:
+        nonlocal edits, words
+        if speedup:  # retention counts against the tokens of the original audio
+            out.tokens_in = max(1, math.ceil(model.token_rate * req.utt.duration))
+        row = item_row(req.utt, out, save_groups=save_groups, token_rate=getattr(model, "token_rate", None))
+        log.append(row)
+        if "edits" in row:
+            edits, words = edits + row["edits"], words + row["ref_words"]
+            bar.set_postfix(wer=f"{100 * edits / max(words, 1):.1f}%", ret=f"{row['retention']:.2f}")
+        bar.update(1)
+
+    try:
+        for start in range(0, len(todo), bs):
+            requests = []
+            for utt in todo[start:start + bs]:
+                try:
+                    audio = load_audio(utt.audio)
+                except AudioError as e:
+                    failed(utt, e)
+                    continue
+                if speedup:  # signal-level baseline (paper §5.3): time-stretch the waveform, pitch kept
+                    audio = time_stretch(audio, 1.0 / float(speedup))
+                requests.append(Request(utt=utt, audio=audio, seed=ops.seed_for(int(cfg.seed), utt.id), prompt=prompt))
+            if not requests:
                 continue
-            if speedup:  # signal-level baseline (paper §5.3): time-stretch the waveform, pitch kept
-                audio = time_stretch(audio, 1.0 / float(speedup))
-            requests.append(Request(utt=utt, audio=audio, seed=ops.seed_for(int(cfg.seed), utt.id), prompt=prompt))
-        if not requests:
-            continue
-        try:
-            outs = model.generate(requests, points, int(cfg.max_new_tokens))
-        except ValueError as e:
-            if on_error != "skip" or len(requests) > 1:
-                raise
-            log.append(failed_row(requests[0].utt, str(e)))
-            bar.update(1)
-            continue
-        for req, out in zip(requests, outs):
-            if speedup:  # retention counts against the tokens of the original audio
-                out.tokens_in = max(1, math.ceil(model.token_rate * req.utt.duration))
-            row = item_row(req.utt, out, save_groups=bool(cfg.get("save_groups", False)))
-            log.append(row)
-            if "edits" in row:
-                edits, words = edits + row["edits"], words + row["ref_words"]
-                bar.set_postfix(wer=f"{100 * edits / max(words, 1):.1f}%", ret=f"{row['retention']:.2f}")
-            bar.update(1)
-    bar.close()
+            try:
+                outs = model.generate(requests, points, int(cfg.max_new_tokens))
+            except Exception as e:  # noqa: BLE001 - any failure of a batch: find the bad item, one at a time
+                if len(requests) == 1:
+                    failed(requests[0].utt, e)
+                    continue
+                for req in requests:
+                    try:
+                        (out,) = model.generate([req], points, int(cfg.max_new_tokens))
+                    except Exception as e1:  # noqa: BLE001
+                        failed(req.utt, e1)
+                        continue
+                    done(req, out)
+                continue
+            for req, out in zip(requests, outs):
+                done(req, out)
+    finally:
+        bar.close()
 
 
-def _check_resume(out_dir: Path, fp: str, cfg: DictConfig) -> None:
-    import json
-
+def _check_resume(out_dir: Path, ident: dict[str, Any], fp: str, cfg: DictConfig) -> None:
     meta = out_dir / "run.json"
     results = out_dir / "results.jsonl"
     if not results.exists() or not meta.exists():
@@ -255,31 +380,83 @@ def _check_resume(out_dir: Path, fp: str, cfg: DictConfig) -> None:
     if not cfg.get("resume", True):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         results.rename(results.with_name(f"results.{stamp}.jsonl"))
+        spare = out_dir / "unselected.jsonl"
+        if spare.exists():
+            spare.rename(spare.with_name(f"unselected.{stamp}.jsonl"))
         return
-    old = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint")
-    if old != fp:
+    try:
+        old_meta = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"{meta}: unreadable ({e}); pass resume=false to start the run again") from None
+    old = old_meta.get("identity")
+    if old is None and isinstance(old_meta.get("settings"), dict):  # folders written before run.json had it
+        old = identity(old_meta["settings"])
+    if (digest(old) if old is not None else old_meta.get("fingerprint")) != fp:
+        diffs = differences(old, ident) if old is not None else ["fingerprint"]
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise RunError(
-            f"{out_dir} holds results of different settings (fingerprint {old} != {fp}); "
+            f"{out_dir} holds results of different settings ({shown}); "
             "choose another run_name=... or pass resume=false to start it again"
         )
 
 
+# ----------------------------------------------------------------------------- the command line
+def _write_marker(out_dir: Path, error: str, overrides: list[str]) -> None:
+    """``failed.json`` in the run folder: the error line and the settings, for ``make figures`` to list."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / MARKER, {"error": error, "overrides": overrides, "host": socket.gethostname(),
+                                      "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "command": " ".join(["python run.py", *map(shlex.quote, sys.argv[1:])])})
+    except OSError:  # a read-only folder: the error line is all there is
+        pass
+
+
 def main_from_hydra(cfg: DictConfig) -> dict[str, Any] | None:
-    """Entry point used by ``run.py``: one-line errors instead of tracebacks for bad settings and inputs."""
+    """Entry point used by ``run.py``: one-line errors instead of tracebacks for bad settings and inputs, a
+    failure marker in the run folder, and exit codes (0 done, 1 nothing scored, 2 error, 130 interrupted). In a
+    sweep (``-m``) a failed job raises instead of exiting, so the other jobs still run."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    import os
-
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    sweep = hc.mode == RunMode.MULTIRUN
     if "TRANSFORMERS_VERBOSITY" not in os.environ:  # Whisper's generate warns on every call; keep the bar readable
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+    def fail(message: str, code: int, marker: bool = True):
+        if marker:
+            _write_marker(out_dir, message, overrides)
+        hint = "  (SR_DEBUG=1 shows the traceback)" if code == 2 else ""
+        print(f"error: {message}{hint}", file=sys.stderr)
+        if sweep:
+            raise RunError(message)
+        sys.exit(code)
+
     try:
-        return run(cfg, out_dir)
+        summary = run(cfg, out_dir)
+    except KeyboardInterrupt:
+        rows, _ = read_rows(out_dir / "results.jsonl")
+        saved = sum(r.get("status") == "ok" for r in rows)
+        args = sys.argv[1:] if sweep else [*overrides, f"hydra.run.dir={out_dir}"]
+        print(f"interrupted: {saved} utterances saved in {out_dir / 'results.jsonl'}; resume with: "
+              + " ".join(["python run.py", *map(shlex.quote, args)]), file=sys.stderr)
+        sys.exit(130)
     except (RunError, AudioError, ValueError, FileNotFoundError, ImportError, OSError) as e:
         if os.environ.get("SR_DEBUG"):
+            _write_marker(out_dir, str(e), overrides)
             raise
-        print(f"error: {e}  (SR_DEBUG=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e), 2, marker=not isinstance(e, FolderInUse))
+    except Exception as e:  # an unexpected failure: leave the marker, keep the traceback
+        _write_marker(out_dir, f"{type(e).__name__}: {e}", overrides)
+        raise
+    if not summary["n_utterances"]:
+        first = summary["failed"][0] if summary["failed"] else {}
+        fail(f"no utterance was scored: {summary['n_failed']} failed"
+             + (f" (first: {first.get('error')})" if first else ""), 1)
+    return summary
