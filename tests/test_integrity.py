@@ -448,8 +448,11 @@ def test_ctrl_c_in_process_is_one_line(clips, tmp_path, fake, monkeypatch, capsy
     cfg.hydra.runtime.output_dir = str(tmp_path / "run")
     HydraConfig.instance().set_config(cfg)
     fake.interrupt_after = 2
-    with pytest.raises(SystemExit) as e:
-        runner.main_from_hydra(cfg)
+    try:
+        with pytest.raises(SystemExit) as e:
+            runner.main_from_hydra(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
     assert e.value.code == 130
     err = capsys.readouterr().err
     (line,) = error_lines(err)
