@@ -28,7 +28,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 PACKAGES = ("torch", "transformers", "hydra-core", "jiwer", "sacrebleu", "numpy", "speech_redundancy")
 LOCK_NAME = "run.lock"
@@ -59,9 +59,15 @@ def row_problem(row: Any) -> str | None:
     return None
 
 
-def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+def has_id(row: Any) -> str | None:
+    """The check of a plain keyed log (any object with an ``id``)."""
+    return None if isinstance(row, dict) and "id" in row else "not an object with an 'id'"
+
+
+def read_rows(path: str | Path, check: Callable[[Any], str | None] = row_problem) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a JSONL results file, and one ``file:line: malformed result line skipped: reason`` per line that is
-    not UTF-8, not JSON or not a results row (:func:`row_problem`). A missing file reads as empty."""
+    not UTF-8, not JSON or fails ``check`` (default: a results row, :func:`row_problem`). A missing file reads as
+    empty."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -81,7 +87,7 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
                 except json.JSONDecodeError as e:
                     problem = f"not JSON ({e.msg})"
                 else:
-                    problem = row_problem(row)
+                    problem = check(row)
             if problem:
                 problems.append(f"{path}:{i}: malformed result line skipped: {problem}")
                 continue
@@ -155,15 +161,16 @@ class ResultsLog:
 
     ``keep``: the ids of the run's selection. Rows of other ids are moved to ``unselected.jsonl`` at once (ok
     rows only; a failure outside the selection is dropped), and rows found there for selected ids come back, so
-    ``results.jsonl`` always holds the selection's rows and nothing else.
+    ``results.jsonl`` always holds the selection's rows and nothing else. ``check``: which lines count as rows
+    (default any object with an ``id``; the runner passes :func:`row_problem`).
     """
 
-    def __init__(self, path: Path, keep: Iterable[str] | None = None):
+    def __init__(self, path: Path, keep: Iterable[str] | None = None, check: Callable[[Any], str | None] = has_id):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.unselected_path = self.path.with_name(UNSELECTED_NAME)
-        spare, spare_problems = read_rows(self.unselected_path)
-        rows, self.problems = read_rows(self.path)
+        spare, spare_problems = read_rows(self.unselected_path, check) if keep is not None else ([], [])
+        rows, self.problems = read_rows(self.path, check)
         self.problems += spare_problems
         self.rows = latest_by_id([*spare, *rows])
         self.keep = None if keep is None else [str(i) for i in keep]

@@ -44,6 +44,7 @@ from speech_redundancy.results import (
     environment,
     identity,
     read_rows,
+    row_problem,
     write_json,
 )
 
@@ -286,7 +287,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
     load_rows = [load_failed_row(f, task, language) for f in failures + unaligned]
     load_rows = [r for r in load_rows if r["id"] not in selected]  # an item that loaded after all is decoded
     order = [u.id for u in utts] + list(dict.fromkeys(r["id"] for r in load_rows))
-    log = ResultsLog(out_dir / "results.jsonl", keep=order)
+    log = ResultsLog(out_dir / "results.jsonl", keep=order, check=row_problem)
     for msg in log.problems:
         print(msg, file=sys.stderr)
     for row in load_rows:
