@@ -197,4 +197,5 @@ def test_hydra_config_keys():
     cfg = OmegaConf.load(ROOT / "conf" / "data" / "demo.yaml")
     assert OmegaConf.to_container(cfg) == {
         "name": "demo", "manifest": None, "subset": None, "limit": None, "sample": None, "seed": 0, "on_error": "raise",
+        "align_root": None, "buckets": None, "shard_index": 0, "shard_count": 1,  # every documented data.* key
     }
