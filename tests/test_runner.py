@@ -222,3 +222,13 @@ def test_cli_scores_a_librispeech_folder_end_to_end(demo_manifest, tmp_path):
     rows = _rows(out / "results.jsonl")
     assert sorted(r["id"] for r in rows) == ["1995-1826-0000", "1995-1826-0001", "1995-1826-0002"]
     assert [r["reference"].lower() for r in sorted(rows, key=lambda r: r["id"])] == [u.text for u in clips]
+
+
+def test_torch_threads_follow_the_setting_then_slurm(monkeypatch):
+    from speech_redundancy.runner import torch_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert torch_threads({"num_threads": None}) is None
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert torch_threads({"num_threads": None}) == 3  # a SLURM task uses the CPUs it was given
+    assert torch_threads({"num_threads": 1}) == 1  # an explicit setting wins

@@ -156,7 +156,22 @@ def load_model(model_cfg: DictConfig):
     return _LAST_MODEL[key]
 
 
+def torch_threads(model_cfg) -> int | None:
+    """CPU threads for torch: ``model.num_threads`` when set, else the CPUs SLURM gave this task
+    (``SLURM_CPUS_PER_TASK``: a cluster that does not bind tasks to cores would otherwise let every task use every
+    core), else torch's default (None)."""
+    import os
+
+    value = model_cfg.get("num_threads") or os.environ.get("SLURM_CPUS_PER_TASK")
+    return int(value) if value else None
+
+
 def _build_model(model_cfg: DictConfig):
+    import torch
+
+    threads = torch_threads(model_cfg)
+    if threads:
+        torch.set_num_threads(threads)
     family = model_cfg.family
     if family == "whisper":
         from speech_redundancy.models import whisper as module

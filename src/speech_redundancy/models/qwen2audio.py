@@ -125,8 +125,6 @@ class Qwen2AudioModel(HFAudioLLM):
 def load(cfg) -> Qwen2AudioModel:
     """Build the adapter from a ``conf/model/*qwen2audio*.yaml`` node (DictConfig or dict)."""
     get = cfg.get
-    if get("num_threads"):
-        torch.set_num_threads(int(get("num_threads")))
     attn = get("attn_implementation", "sdpa")
     device = lslm.device(get("device", "auto"))
     dtype = getattr(torch, get("dtype", "bfloat16"))

@@ -158,8 +158,6 @@ def load(cfg) -> WhisperModel:
     """Build the adapter from a ``conf/model/whisper_*.yaml`` node (weights converted offline on first use)."""
     from speech_redundancy.weights import load_whisper
 
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     model, processor = load_whisper(
         cfg.checkpoint, device=cfg.get("device", "cpu"), dtype=dtype,
