@@ -1,6 +1,6 @@
 """Every paper table and figure from whatever results exist (``make figures``).
 
-    python scripts/make_figures.py [--outputs outputs] [--out outputs/figures] [--utterance ID]
+    python scripts/make_figures.py [--outputs outputs] [--out outputs/figures] [--utterance ID] [--protocol NAME]
 
 Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]), merges shards and repeated runs
 (speech_redundancy.experiments), and writes into ``--out``:
@@ -15,9 +15,11 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     fig3_dynamics_<model>_<data>_<feat>.*                                           (analysis dynamics.jsonl)
     fig5_groups_<ctx>_<utt>.*                                                       (runs with save_groups=true)
     table9_trajectories_<ctx>.*                                                     (oracle runs, one utterance)
+    protocols_<ctx>.*                                          (ASR/ST runs: the same hypotheses under each protocol)
     report.txt                                                                      (what was written / skipped)
 
-Everything comes from the run folders alone (group plots take word boundaries from the rows' ``word_spans``).
+Every run is scored under its own scoring protocol (``--protocol NAME``: all under NAME); captions and
+``runs.csv`` name it. Everything comes from the run folders alone (group plots take word boundaries from the rows' ``word_spans``).
 Each table or figure without data is skipped with one line saying so; malformed result lines are reported as
 file:line; failed jobs are listed with their error and settings (their ``failed.json``), unfinished ones are
 reported, and the other jobs still aggregated.
@@ -61,6 +63,12 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "-" for c in str(s))
 
 
+def _protocol(d) -> str:
+    """'; protocol paper' for a caption: the scoring protocol(s) of the runs in ``d``."""
+    used = sorted(set(d["protocol"])) if "protocol" in d and not d.empty else []
+    return f"; protocol {', '.join(used)}" if used else ""
+
+
 def oracle(df, out, rep):
     d = ex.oracle_runs(df)
     if d.empty:
@@ -72,6 +80,7 @@ def oracle(df, out, rep):
         van = ex.vanilla_of(df, ctx)
         cap = f"Oracle interventions, {name}: WER / cWER (%) per operator, token ratio and layer"
         cap += f"; vanilla WER {100 * van['wer']:.2f}" if van and van.get("wer") is not None else "; no vanilla run"
+        cap += _protocol(d[d["context"] == ctx])
         rep.wrote(ex.write_table(t, out, f"table4_oracle_{name}", cap))
         rep.wrote(figs.oracle_layers(d[d["context"] == ctx], out / f"fig2_oracle_{name}",
                                      f"Layer-wise oracle interventions — {name}", van))
@@ -95,7 +104,8 @@ def affinity(df, out, rep):
             if g["layer"].nunique() >= 2:
                 t = ex.affinity_table(df, ctx, window, feat)
                 rep.wrote(ex.write_table(t, out, f"table6_affinity_{stem}",
-                                         f"Affinity Pooling, {name}, omega={int(window)}, features={feat}: WER, cWER, Ratio (%)"))
+                                         f"Affinity Pooling, {name}, omega={int(window)}, features={feat}: WER, cWER, "
+                                         f"Ratio (%){_protocol(g)}"))
                 rep.wrote(figs.affinity_layers(g, out / f"fig4_affinity_{stem}",
                                                f"Affinity Pooling ω={int(window)} ({feat}) — {name}", van))
             if g["threshold"].nunique() >= 2 and g["layer"].nunique() >= 2:
@@ -123,7 +133,7 @@ def per_model_table(df, out, rep, build, stem, caption, what, reason, min_rows=1
         if len(t) < min_rows:
             continue
         done += 1
-        rep.wrote(ex.write_table(t, out, f"{stem}_{_slug(m)}", caption.format(model=m)))
+        rep.wrote(ex.write_table(t, out, f"{stem}_{_slug(m)}", caption.format(model=m) + _protocol(df[df["model"] == m])))
     if not done:
         rep.skip(what, reason)
 
@@ -216,17 +226,35 @@ def trajectories(df, runs, out, rep, utterance=None):
     rep.wrote(ex.write_table(t, out, "table9_trajectories", f"Decoding trajectories of {uid}. Ground truth: {ref}"))
 
 
+def protocols(df, runs, out, rep):
+    done = 0
+    all_ctx = ex.contexts(df)
+    for ctx in all_ctx:
+        t, problems = ex.protocols_table(runs, ctx)
+        rep.problems.extend(problems)
+        if t.empty or len(t.columns) <= 2:
+            continue
+        done += 1
+        name = ex.context_name(df, ctx, all_ctx)
+        rep.wrote(ex.write_table(t, out, f"protocols_{name}", f"The same hypotheses under each scoring protocol, "
+                                 f"{name}: WER / CER / MER (%) or BLEU (README: Scoring protocols)"))
+    if not done:
+        rep.skip("protocols table", "no ASR or translation runs")
+
+
 def main(argv: list[str] | None = None) -> Report:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--outputs", type=Path, default=Path(os.environ.get("SR_OUTPUTS", ROOT / "outputs")),
                     help="folder scanned for run folders (default $SR_OUTPUTS or outputs/)")
     ap.add_argument("--out", type=Path, default=None, help="where tables and figures go (default <outputs>/figures)")
     ap.add_argument("--utterance", default=None, help="utterance id for the trajectory table")
+    ap.add_argument("--protocol", default=None, choices=ex.protocols.NAMES,
+                    help="score every run under this protocol (default: each run's own)")
     args = ap.parse_args(argv)
     out = args.out or args.outputs / "figures"
     out.mkdir(parents=True, exist_ok=True)
     rep = Report()
-    df, runs, problems = ex.collect(args.outputs)
+    df, runs, problems = ex.collect(args.outputs, args.protocol)
     rep.problems.extend(problems)
     if not df.empty:
         df.drop(columns=["dirs"]).to_csv(out / "runs.csv", index=False)
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> Report:
     dynamics(args.outputs, out, rep)
     groups(df, runs, out, rep)
     trajectories(df, runs, out, rep, args.utterance)
+    protocols(df, runs, out, rep)
     text = rep.text()
     (out / "report.txt").write_text(text, encoding="utf-8")
     print(f"{len(runs)} runs found under {args.outputs}")

@@ -1,4 +1,11 @@
-"""Score a finished run again from its results.jsonl: ``python scripts/rescore.py RUN_DIR [--judge http ...]``."""
+"""Score a finished run again from its results.jsonl, without running the model:
+``python scripts/rescore.py RUN_DIR [--protocol NAME|all] [--judge http ...]``.
+
+Without ``--protocol`` the run's own scoring protocol is used and ``RUN_DIR/rescored.json`` written; with
+``--protocol NAME`` the same hypotheses are scored under that harness's rules into ``RUN_DIR/rescored.NAME.json``
+and ``rescored.NAME.jsonl`` (the rows, only their metrics recomputed); ``--protocol all`` does every protocol that
+can run here and prints them side by side. ``results.jsonl`` and ``summary.json`` are never written.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from speech_redundancy.judge import make_judge  # noqa: E402
-from speech_redundancy.rescore import rescore  # noqa: E402
+from speech_redundancy.protocols import NAMES  # noqa: E402
+from speech_redundancy.rescore import format_comparison, rescore  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--protocol", help=f"scoring protocol: {', '.join(NAMES)}, or all (default: the run's own)")
     p.add_argument("--judge", choices=["offline", "hf", "http"], default="offline", help="QA judge (default: offline)")
     p.add_argument("--judge-url", help="http judge: base URL of an OpenAI-compatible server")
     p.add_argument("--judge-model", help="hf: model name or path; http: served model name")
@@ -24,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"api_key": args.judge_api_key} if args.judge == "http" and args.judge_api_key else {}
     try:
         judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, **kwargs)
-        rescore(args.run_dir, judge=judge, cache=not args.no_cache)
+        if args.protocol != "all":
+            rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=args.protocol)
+            return 0
+        done = {}
+        for name in NAMES:
+            try:
+                done[name] = rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=name, quiet=True)
+            except ValueError as e:  # a protocol whose tokenizer cannot run here: say so, do the others
+                print(f"skipped: {e}", file=sys.stderr)
+        print(format_comparison(done))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

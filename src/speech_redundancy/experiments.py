@@ -8,13 +8,16 @@ utterance) and, once finished, ``summary.json``. Sweeps launched with an experim
 :func:`collect` scans a folder tree and returns one record per *logical run*: folders whose settings agree except
 for ``data.shard_index`` (the shards of one array job, or the same run found twice) are merged, one row per
 utterance (the last one written wins), and every number is recomputed from the rows with :func:`metrics.score`
-(the scorer of the run summary and of ``rescore``). Everything that could not be used is returned as one line
+(the scorer of the run summary and of ``rescore``) under the run's scoring protocol (``run.json``'s ``protocol``,
+``paper`` for folders older than it; ``collect(root, protocol=NAME)`` scores every run under NAME instead; the
+``protocol`` column says which). Everything that could not be used is returned as one line
 each: malformed result lines (``file:line``), folders without ``summary.json`` (a failed or unfinished job),
 failed jobs (their ``failed.json``: the error and the overrides, found even where the job died before writing
 ``run.json``), missing shards, failed utterances.
 
 The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``,
 ``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
+``protocols_table`` takes the runs of one context and scores the same hypotheses under every protocol.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from speech_redundancy import metrics
+from speech_redundancy import metrics, protocols
 from speech_redundancy.results import FAILED_NAME, digest, latest_by_id, read_rows
 
 SHARD_KEYS = ("shard_index", "shard_count")
@@ -90,13 +93,15 @@ class Run:
     dirs: list[Path]
     rows: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True
+    protocol: str = "paper"  # the scoring protocol its folders were run under
 
     @property
     def points(self) -> list[dict[str, Any]]:
         return list((self.settings.get("intervention") or {}).get("points") or [])
 
-    def describe(self) -> dict[str, Any]:
-        """The flat record of this run: what it was (layer, operator, tau, omega, R, K...) and its numbers."""
+    def describe(self, protocol: str | None = None) -> dict[str, Any]:
+        """The flat record of this run: what it was (layer, operator, tau, omega, R, K...) and its numbers, scored
+        under ``protocol`` (default: the run's own)."""
         s, iv = self.settings, self.settings.get("intervention") or {}
         data = s.get("data") or {}
         rec: dict[str, Any] = {
@@ -126,7 +131,8 @@ class Run:
                        operator=a.get("operator"), features=(a.get("params") or {}).get("features"))
         if rec["intervention"] == "speedup" and rec.get("speedup") is not None:
             rec["ratio"] = float(rec["speedup"])
-        rec.update(score(self.rows))
+        rec["protocol"] = protocol or self.protocol
+        rec.update(score(self.rows, rec["protocol"]))
         return rec
 
 
@@ -141,10 +147,10 @@ def _point_params(params: dict[str, Any]) -> dict[str, Any]:
 SCORE_COLUMNS = ("n_failed", "wer", "cwer", "edits", "ref_words", "bleu", "retention", "loop_rate")
 
 
-def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The table columns of merged rows, from :func:`metrics.score`: ``n`` (utterances scored), ``n_failed``,
-    WER/cWER and their counts, BLEU, retention, loop rate (NaN where there is nothing to score)."""
-    got = metrics.score(rows)
+def score(rows: list[dict[str, Any]], protocol: str = "paper") -> dict[str, Any]:
+    """The table columns of merged rows, from :func:`metrics.score` under ``protocol``: ``n`` (utterances scored),
+    ``n_failed``, WER/cWER and their counts, BLEU, retention, loop rate (NaN where there is nothing to score)."""
+    got = metrics.score(rows, protocol)
     out: dict[str, Any] = {"n": got["n_utterances"]}
     for key in SCORE_COLUMNS:
         if key in got or key in ("retention", "loop_rate"):
@@ -159,6 +165,7 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
     problems: list[str] = []
     groups: dict[str, Run] = {}
     shard_of: dict[Path, int] = {}
+    protocols: dict[str, set[str]] = {}
     for d in find_run_dirs(root):
         try:
             meta = json.loads((d / "run.json").read_text(encoding="utf-8"))
@@ -170,11 +177,16 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
         key = run_key(settings)
         run = groups.setdefault(key, Run(key=key, settings=settings, dirs=[]))
         run.dirs.append(d)
+        protocols.setdefault(key, set()).add(str(meta.get("protocol") or "paper"))
         if not (d / "summary.json").exists():
             run.complete = False
             problems.append(f"{d}: no summary.json (the job failed or has not finished); its rows are used as they are")
     runs = []
     for run in groups.values():
+        used = sorted(protocols[run.key])
+        run.protocol = used[0] if len(used) == 1 else "paper"
+        if len(used) > 1:
+            problems.append(f"{run.dirs[0]}: its folders were scored under protocols {used}; scored under paper")
         rows: list[dict[str, Any]] = []
         for d in run.dirs:
             got, bad = read_rows(d / "results.jsonl")
@@ -239,12 +251,15 @@ def failed_jobs(root: str | Path) -> list[str]:
     return out
 
 
-def collect(root: str | Path) -> tuple[pd.DataFrame, list[Run], list[str]]:
-    """(one row per logical run, the runs, problems) for every run folder under ``root``."""
+def collect(root: str | Path, protocol: str | None = None) -> tuple[pd.DataFrame, list[Run], list[str]]:
+    """(one row per logical run, the runs, problems) for every run folder under ``root``, each run scored under
+    ``protocol`` (default: its own)."""
+    if protocol is not None:
+        protocols.get(protocol)  # an unknown name: one line before any scoring
     runs, problems = load_runs(root)
     problems += failed_jobs(root)
     problems += submitit_failures(root)
-    df = pd.DataFrame([r.describe() for r in runs])
+    df = pd.DataFrame([r.describe(protocol) for r in runs])
     return df, runs, problems
 
 
@@ -503,6 +518,48 @@ def prefill_table(bench: dict[str, Any]) -> pd.DataFrame:
         t["FRR"] = 100 * t["FRR"]
     order = {b: -float(str(b).split("-")[0]) for b in t["Bucket"].unique()}
     return t.sort_values("Bucket", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- protocols
+def protocols_table(runs: list[Run], context: str,
+                    names: Iterable[str] = protocols.NAMES) -> tuple[pd.DataFrame, list[str]]:
+    """The same hypotheses under every scoring protocol: one row per run of ``context`` (its intervention tag and
+    ``n``), one column per protocol (``WER % <name>``; ``CER`` / ``MER`` where that protocol counts characters /
+    mixed units; ``BLEU <name>`` for translation), each from :func:`metrics.score` over the run's rows. A protocol
+    that cannot run here (a tokenizer it needs is missing) is a column of NaN and one problem line."""
+    chosen = [r for r in runs if context_key(r.settings) == context
+              and not str(experiment_of(r.dirs[0]) or "").startswith(("trajectories", "group_plots"))]
+    chosen.sort(key=lambda r: (str((r.settings.get("intervention") or {}).get("tag")), r.key))
+    problems, blocked = [], set()
+    for name in names:
+        why = metrics.protocol_problem(name, (row for r in chosen for row in r.rows if row.get("status", "ok") == "ok"))
+        if why:
+            blocked.add(name)
+            problems.append(f"protocols table: {why}")
+    recs, columns = [], {}
+    for r in chosen:
+        tag = str((r.settings.get("intervention") or {}).get("tag"))
+        rec: dict[str, Any] = {"run": tag, "n": sum(row.get("status", "ok") == "ok" for row in r.rows)}
+        for name in names:
+            if name in blocked:
+                col = columns.get(name, f"{name} (cannot run here)")
+                rec[col] = math.nan
+                continue
+            got = metrics.score(r.rows, name)
+            if got.get("bleu") is not None:
+                col, value = f"BLEU {name}", got["bleu"]
+            elif got.get("wer") is not None:
+                metric = {"char": "CER", "mixed": "MER"}.get(got.get("unit"), "WER")
+                col, value = f"{metric} % {name}", 100 * got["wer"]
+            else:
+                continue
+            columns.setdefault(name, col)
+            rec[col] = value
+        recs.append(rec)
+    t = pd.DataFrame(recs)
+    if not t.empty and t["run"].duplicated().any():
+        t["run"] = [f"{tag} ({r.key[:6]})" for tag, r in zip(t["run"], chosen)]
+    return t, problems
 
 
 # ----------------------------------------------------------------------------------------------- writing tables

@@ -4,19 +4,23 @@ All rates are fractions (0.0123 = 1.23 %); the run summary prints percentages.
 
 WER is corpus-level: total edits / total reference units. cWER (paper §3.2) clamps each utterance's edits to
 its reference length, cWER = Σ_i min(E_i, N_i) / Σ_i N_i, so one looping hypothesis can cost at most its own
-reference length. For Mandarin (``zh``, also ``yue``, ``ja``) the units are characters: the ``wer`` key then
-holds a character error rate and ``unit`` says ``"char"``. Normalisation: :mod:`speech_redundancy.normalize`.
+reference length. What a unit is, and how texts are normalised, is the scoring ``protocol``'s
+(:mod:`speech_redundancy.protocols`): under ``paper`` Mandarin (``zh``, also ``yue``, ``ja``) is scored on
+characters, so the ``wer`` key then holds a character error rate and ``unit`` says ``"char"`` (``"mixed"``:
+CJK characters and other-script words, as some harnesses count). Normalisers: :mod:`speech_redundancy.normalize`.
 
 Edge cases: an empty reference has N_i = 0 and E_i = the hypothesis length (all insertions); in
 :func:`corpus_wer` it adds E_i to WER, nothing to cWER, and is counted in ``empty_refs``; :func:`score` leaves it
-out of both and counts it (runs refuse such items at load). An empty hypothesis is all deletions. With no reference
-unit at all, the rates are NaN.
+out of both and counts it under ``paper`` (runs refuse such items at load); the harness protocols add its
+insertions, as their Σ edits / Σ lengths do. An empty hypothesis is all deletions. With no reference unit at all,
+the rates are NaN.
 
 :func:`score` is the one scorer of results rows: the run summary (``runner``), ``rescore`` and the tables
 (``experiments``) all call it. It recomputes every count from each row's reference and hypothesis under a named
-scoring ``protocol``; only ``"paper"`` (Whisper English normaliser, Mandarin characters, corpus WER and cWER,
-sacrebleu ``zh``/``13a``) exists so far. A harness's protocol (kimi_evalkit, lmms_eval, ultraeval, audiobench:
-shared/FACTS.md §6) would be one more entry in :data:`PROTOCOLS` with its own normaliser and BLEU tokenizer.
+scoring ``protocol`` (:data:`PROTOCOLS`): ``paper`` (default: Whisper English normaliser, Mandarin characters,
+sacrebleu ``zh``/``13a``) or one harness's rules (``kimi_evalkit``, ``lmms_eval``, ``ultraeval``, ``audiobench``;
+shared/FACTS.md §6), each a record in :data:`speech_redundancy.protocols.TABLE`. :func:`row_metrics` gives the
+per-row numbers the runner stores (``protocol``, ``edits``, ``ref_words``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from typing import Any, Iterable, Sequence
 
 import jiwer
 
-from speech_redundancy.normalize import CHAR_LANGUAGES, normalize, normalizer_id, strip_special_tokens, tokenize, unit
+from speech_redundancy import protocols as P
+from speech_redundancy.normalize import CHAR_LANGUAGES, strip_special_tokens, tokenize
 from speech_redundancy.prompts import split_task
 
 # ----------------------------------------------------------------------------------------------- WER and cWER
@@ -45,8 +50,10 @@ def _check_pairs(refs: Sequence[str], hyps: Sequence[str]) -> None:
             raise TypeError(f"hypothesis {i} is {type(h).__name__}, not str")
 
 
-def _units(text: str, language: str, do_normalize: bool) -> list[str]:
-    return tokenize(normalize(text, language) if do_normalize else text, language)
+def _units(text: str, language: str, do_normalize: bool, protocol: str = "paper", hypothesis: bool = False) -> list[str]:
+    if not do_normalize:
+        return tokenize(text, language)
+    return P.units(text, language, protocol, hypothesis=hypothesis)
 
 
 def _alignment_counts(refs: list[list[str]], hyps: list[list[str]]) -> list[dict[str, int]]:
@@ -65,20 +72,23 @@ def _alignment_counts(refs: list[list[str]], hyps: list[list[str]]) -> list[dict
     return counts
 
 
-def utterance_counts(refs: Sequence[str], hyps: Sequence[str], *, language: str = "en", normalize: bool = True) -> list[dict[str, int]]:
-    """Per-utterance ``edits``, ``ref_words``, ``substitutions``, ``deletions``, ``insertions``, ``hits``."""
+def utterance_counts(refs: Sequence[str], hyps: Sequence[str], *, language: str = "en", normalize: bool = True,
+                     protocol: str = "paper") -> list[dict[str, int]]:
+    """Per-utterance ``edits``, ``ref_words``, ``substitutions``, ``deletions``, ``insertions``, ``hits`` in the
+    units of ``protocol`` (``normalize=False``: the raw texts' words, or characters for zh/yue/ja)."""
     _check_pairs(refs, hyps)
-    r_units = [_units(r, language, normalize) for r in refs]
-    h_units = [_units(h, language, normalize) for h in hyps]
+    r_units = [_units(r, language, normalize, protocol) for r in refs]
+    h_units = [_units(h, language, normalize, protocol, hypothesis=True) for h in hyps]
     counts = _alignment_counts(r_units, h_units)
     for c in counts:
         c["edits"] = c["substitutions"] + c["deletions"] + c["insertions"]
     return counts
 
 
-def utterance_edits(ref: str, hyp: str, language: str = "en", normalize: bool = True) -> tuple[int, int]:
+def utterance_edits(ref: str, hyp: str, language: str = "en", normalize: bool = True,
+                    protocol: str = "paper") -> tuple[int, int]:
     """(E_i, N_i): edit distance and reference length of one utterance, the numbers the runner stores."""
-    c = utterance_counts([ref], [hyp], language=language, normalize=normalize)[0]
+    c = utterance_counts([ref], [hyp], language=language, normalize=normalize, protocol=protocol)[0]
     return c["edits"], c["ref_words"]
 
 
@@ -109,12 +119,14 @@ def _rates(counts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def corpus_wer(refs: Sequence[str], hyps: Sequence[str], *, language: str = "en", normalize: bool = True) -> dict[str, Any]:
-    """Corpus WER and cWER (fractions) with edit counts; for zh/yue/ja the ``wer`` key holds CER (``unit: char``)."""
-    counts = utterance_counts(refs, hyps, language=language, normalize=normalize)
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str], *, language: str = "en", normalize: bool = True,
+               protocol: str = "paper") -> dict[str, Any]:
+    """Corpus WER and cWER (fractions) with edit counts in ``protocol``'s units (``unit``: word, char or mixed);
+    every pair counts, an empty reference with its insertions (:func:`score` applies the protocol's rules for it)."""
+    counts = utterance_counts(refs, hyps, language=language, normalize=normalize, protocol=protocol)
     out = _rates(counts)
-    out["unit"] = unit(language)
-    out["normalizer"] = normalizer_id(language) if normalize else "none"
+    out["unit"] = P.unit_label(language, protocol) if normalize else ("char" if language in CHAR_LANGUAGES else "word")
+    out["normalizer"] = P.normalizer_label(language, protocol) if normalize else "none"
     return out
 
 
@@ -137,20 +149,24 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- BLEU
 
 
-def bleu_tokenizer(target_lang: str) -> str:
-    """sacrebleu tokenizer for a target language: ``zh`` for Chinese (en→zh), ``13a`` otherwise (zh→en)."""
-    return "zh" if target_lang.lower().startswith("zh") else "13a"
+def bleu_tokenizer(target_lang: str, protocol: str = "paper") -> str:
+    """sacrebleu tokenizer for a target language; ``paper``: ``zh`` for Chinese (en→zh), ``13a`` otherwise (zh→en)."""
+    return P.get(protocol).bleu_for(target_lang).tokenize
 
 
-def corpus_bleu(refs: Sequence[str], hyps: Sequence[str], target_lang: str) -> dict[str, Any]:
-    """sacrebleu corpus BLEU (0-100, as sacrebleu reports it) with the tokenizer for ``target_lang``."""
+def corpus_bleu(refs: Sequence[str], hyps: Sequence[str], target_lang: str, protocol: str = "paper") -> dict[str, Any]:
+    """sacrebleu corpus BLEU (0-100, as sacrebleu reports it) of the texts as ``protocol`` prepares them, with its
+    tokenizer for ``target_lang``; ``n``: the pairs scored. A tokenizer that cannot run here is one ValueError."""
     from sacrebleu.metrics import BLEU
 
     _check_pairs(refs, hyps)
-    hyps = [strip_special_tokens(h, "en") for h in hyps]  # keeps spacing; only <|...|> tokens go
-    bleu = BLEU(tokenize=bleu_tokenizer(target_lang))
-    score = bleu.corpus_score(list(hyps), [list(refs)])
-    return {"bleu": score.score, "signature": str(bleu.get_signature()), "tokenize": bleu_tokenizer(target_lang), "n": len(refs)}
+    refs, hyps, tokenize = P.bleu_inputs(list(refs), list(hyps), target_lang, protocol)
+    why = P.tokenizer_problem(tokenize)
+    if why:
+        raise ValueError(f"protocol={P.get(protocol).name}: {why}")
+    bleu = BLEU(tokenize=tokenize)
+    score = bleu.corpus_score(hyps, [refs])
+    return {"bleu": score.score, "signature": str(bleu.get_signature()), "tokenize": tokenize, "n": len(refs)}
 
 
 # ----------------------------------------------------------------------------------------------- failures
@@ -278,7 +294,7 @@ def qa_accuracy(verdicts: Iterable[bool | None | dict[str, Any]]) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------------- results rows
 
-PROTOCOLS = ("paper",)  # named scoring protocols; see the module docstring
+PROTOCOLS = P.NAMES  # named scoring protocols: paper, kimi_evalkit, lmms_eval, ultraeval, audiobench
 
 
 def group_key(row: dict[str, Any]) -> tuple[str, str, str | None]:
@@ -303,17 +319,40 @@ def _reference(row: dict[str, Any]) -> str:
     return ref if isinstance(ref, str) else (ref[0] if ref else "")
 
 
-def _asr_counts(rows: list[dict[str, Any]]) -> list[dict[str, int]]:
+def _asr_counts(rows: list[dict[str, Any]], protocol: str = "paper") -> list[dict[str, int]]:
     """Per-row edit counts, each row under its own language (one jiwer call per language)."""
     counts: list[dict[str, int] | None] = [None] * len(rows)
     by_lang: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_lang.setdefault(str(r.get("language") or "en"), []).append(i)
     for lang, idx in by_lang.items():
-        got = utterance_counts([_reference(rows[i]) for i in idx], [rows[i]["hypothesis"] for i in idx], language=lang)
+        got = utterance_counts([_reference(rows[i]) for i in idx], [rows[i]["hypothesis"] for i in idx], language=lang,
+                               protocol=protocol)
         for i, c in zip(idx, got):
             counts[i] = c
     return counts  # type: ignore[return-value]
+
+
+def row_metrics(row: dict[str, Any], protocol: str = "paper") -> dict[str, Any]:
+    """The numbers a results row stores under ``protocol``: ``protocol``, and for ASR rows ``edits`` (E_i) and
+    ``ref_words`` (N_i, in the protocol's units)."""
+    out: dict[str, Any] = {"protocol": P.get(protocol).name}
+    if group_key(row)[0] == "asr":
+        out["edits"], out["ref_words"] = utterance_edits(_reference(row), row["hypothesis"],
+                                                         language=str(row.get("language") or "en"), protocol=protocol)
+    return out
+
+
+def protocol_problem(protocol: str, rows: Iterable[dict[str, Any]]) -> str | None:
+    """Why ``protocol`` cannot score ``rows`` here (a BLEU or WER tokenizer it needs is missing), or None."""
+    langs, targets = set(), set()
+    for r in rows:
+        task, lang, tgt = group_key(r)
+        if task == "asr":
+            langs.add(lang)
+        elif task == "st":
+            targets.add(str(tgt))
+    return P.problem(protocol, sorted(langs), sorted(targets))
 
 
 def _same(values: set[str]) -> str | None:
@@ -331,25 +370,29 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
     ``target_language`` (``bleu_by_target`` when several); QA rows with a ``judge``: ``accuracy``, ``correct``,
     ``n_judged``, ``n_judge_failed``, ``judge``, ``judge_errors``; every ok row: ``loop_rate``, ``switch_rate``,
     ``empty_rate``, ``retention`` (tokens out / tokens in over the rows that carry them), ``retention_mean``,
-    ``seconds``. Failed rows are counted, never scored.
+    ``seconds``. Failed rows are counted, never scored. ``protocol`` names the scoring rules
+    (:mod:`speech_redundancy.protocols`); ASR rows it leaves out (kimi_evalkit: a hypothesis ``"null"``) are
+    counted in ``n_dropped``.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"scoring protocol {protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
+    proto = P.get(protocol)
     rows = list(rows)
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
     out: dict[str, Any] = {
-        "protocol": protocol, "n": len(rows), "n_utterances": len(ok), "n_failed": len(rows) - len(ok),
+        "protocol": proto.name, "n": len(rows), "n_utterances": len(ok), "n_failed": len(rows) - len(ok),
         "failed": [{"id": r.get("id"), "error": r.get("error")} for r in rows if r.get("status", "ok") != "ok"],
     }
     asr = [r for r in ok if group_key(r)[0] == "asr"]
     if asr:
-        counts = _asr_counts(asr)
-        scored = [(r, c) for r, c in zip(asr, counts) if c["ref_words"] > 0]
+        kept = [r for r in asr if r["hypothesis"] not in proto.drop_hypotheses]
+        if proto.drop_hypotheses:
+            out["n_dropped"] = len(asr) - len(kept)
+        counts = _asr_counts(kept, proto.name)
+        scored = [(r, c) for r, c in zip(kept, counts) if proto.empty_refs == "count" or c["ref_words"] > 0]
         out.update({k: v for k, v in _rates(c for _, c in scored).items() if k not in ("n", "empty_refs")})
-        out["empty_refs"] = len(asr) - len(scored)
+        out["empty_refs"] = sum(c["ref_words"] == 0 for c in counts)
         langs = {str(r.get("language") or "en") for r in asr}
-        out["unit"] = _same({unit(lang) for lang in langs})
-        out["normalizer"] = _same({normalizer_id(lang) for lang in langs})
+        out["unit"] = _same({P.unit_label(lang, proto.name) for lang in langs})
+        out["normalizer"] = _same({P.normalizer_label(lang, proto.name) for lang in langs})
         kinds = sorted({str(r["kind"]) for r, _ in scored if r.get("kind")})
         if len(kinds) > 1:
             out["by_kind"] = {}
@@ -361,7 +404,7 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
         by_target: dict[str, list[dict[str, Any]]] = {}
         for r in st:
             by_target.setdefault(str(group_key(r)[2]), []).append(r)
-        bleu = {tgt: corpus_bleu([_reference(r) for r in rs], [r["hypothesis"] for r in rs], tgt)
+        bleu = {tgt: corpus_bleu([_reference(r) for r in rs], [r["hypothesis"] for r in rs], tgt, proto.name)
                 for tgt, rs in sorted(by_target.items())}
         if len(bleu) == 1:
             (tgt, b), = bleu.items()

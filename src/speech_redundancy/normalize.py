@@ -128,6 +128,11 @@ def normalize_basic(text: str) -> str:
     return " ".join(_basic()(text).split())
 
 
+def whisper_english(text: str) -> str:
+    """Whisper's ``EnglishTextNormalizer`` alone (transformers' class with Whisper's spelling list)."""
+    return _english()(text)
+
+
 def normalize_english(text: str) -> str:
     """Whisper English normaliser then the basic one (Qwen2-Audio protocol), single-spaced."""
     return normalize_basic(_english()(strip_special_tokens(text, "en")))
@@ -147,22 +152,52 @@ def _is_punct_or_symbol(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "PS"
 
 
-def normalize_chinese(text: str, *, simplify: bool = False) -> str:
-    """Mandarin normaliser: numbers read out in characters, punctuation and whitespace removed, Latin lower-cased."""
-    out = strip_special_tokens(text, "zh")
-    if simplify:
-        import zhconv  # noqa: PLC0415
+def to_simplified(text: str) -> str:
+    """Traditional -> simplified Chinese characters (zhconv, ``zh-cn``)."""
+    import zhconv  # noqa: PLC0415
 
-        out = zhconv.convert(out, "zh-cn")
-    out = re.sub(r"(\d),(\d)", r"\1\2", out)  # thousands separators
+    return zhconv.convert(text, "zh-cn")
+
+
+def read_numbers_zh(text: str) -> str:
+    """Arabic numerals read out in Chinese characters (cn2an: cardinals, decimals, percentages, fractions, years);
+    thousands separators dropped first. Unchanged when cn2an is missing or gives up on a digit string."""
+    out = re.sub(r"(\d),(\d)", r"\1\2", text)  # thousands separators
     converter = _cn2an()
     if converter is not None and re.search(r"\d", out):
         try:
             out = converter.transform(out, "an2cn")
         except (ValueError, KeyError, IndexError):  # cn2an gives up on odd digit strings: keep them
             pass
+    return out
+
+
+def normalize_chinese(text: str, *, simplify: bool = False) -> str:
+    """Mandarin normaliser: numbers read out in characters, punctuation and whitespace removed, Latin lower-cased."""
+    out = strip_special_tokens(text, "zh")
+    if simplify:
+        out = to_simplified(out)
+    out = read_numbers_zh(out)
     out = "".join(ch for ch in out if not _is_punct_or_symbol(ch) and not ch.isspace())
     return out.lower()
+
+
+def _is_cn_tn_punct(ch: str) -> bool:
+    # SpeechIO cn_tn replaces Chinese punctuation and ASCII string.punctuation with spaces; we take Unicode
+    # punctuation (P*), every ASCII non-alphanumeric printable and the full-width forms of those (U+FF01-FF5E)
+    if unicodedata.category(ch)[0] == "P":
+        return True
+    code = ord(ch)
+    if 0xFF01 <= code <= 0xFF5E:
+        code -= 0xFEE0
+    return 0x21 <= code <= 0x7E and not chr(code).isalnum()
+
+
+def cn_tn(text: str) -> str:
+    """Stand-in for SpeechIO's ``cn_tn.TextNorm`` as the harnesses configure it (no case change, spaces kept):
+    numbers read out (:func:`read_numbers_zh`, cn2an instead of cn_tn's own rules), punctuation -> spaces."""
+    out = read_numbers_zh(text)
+    return "".join(" " if _is_cn_tn_punct(ch) else ch for ch in out)
 
 
 def normalize(text: str, language: str = "en", *, simplify_zh: bool = False) -> str:

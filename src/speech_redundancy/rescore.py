@@ -13,10 +13,17 @@ Rows are scored per (task, language, target language) with :func:`speech_redunda
 the run summary and the tables use; rows are read with :func:`speech_redundancy.results.read_rows`, the one reader.
 Failed rows are counted, not scored. A line that is not UTF-8, not JSON, or lacks a required key is reported as
 ``file:line: reason`` and skipped (counted).
+
+Scoring protocols (:mod:`speech_redundancy.protocols`): without one, the run's own (``run.json``'s ``protocol``,
+else ``paper``) and the result goes to ``rescored.json``; with ``protocol=NAME`` the same hypotheses are scored under
+that harness's rules into ``rescored.<NAME>.json`` and ``rescored.<NAME>.jsonl`` (the rows with only their metrics,
+``protocol``/``edits``/``ref_words``, recomputed). The run's own ``results.jsonl`` and ``summary.json`` are never
+written.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import defaultdict
@@ -24,9 +31,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from speech_redundancy.judge import Judge, OfflineJudge
-from speech_redundancy.metrics import group_key, language_switch, repetition_loop, score
+from speech_redundancy.metrics import group_key, language_switch, protocol_problem, repetition_loop, row_metrics, score
 from speech_redundancy.normalize import CHAR_LANGUAGES
-from speech_redundancy.results import read_rows, write_json
+from speech_redundancy.protocols import get as get_protocol
+from speech_redundancy.results import read_rows, write_json, write_jsonl
 
 
 def score_group(task: str, language: str, target: str | None, rows: list[dict[str, Any]], judge: Judge | None = None,
@@ -42,13 +50,30 @@ def score_group(task: str, language: str, target: str | None, rows: list[dict[st
     return out
 
 
-def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Score ``<run_dir>/results.jsonl`` again, write ``<run_dir>/rescored.json``, print a table, return the dict."""
+def run_protocol(run_dir: str | Path) -> str:
+    """The scoring protocol a run folder was scored under (``run.json``'s ``protocol``; ``paper`` before it had one)."""
+    try:
+        meta = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "paper"
+    return str(meta.get("protocol") or "paper") if isinstance(meta, dict) else "paper"
+
+
+def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = True, quiet: bool = False,
+            protocol: str | None = None) -> dict[str, Any]:
+    """Score ``<run_dir>/results.jsonl`` again, under the run's own protocol into ``<run_dir>/rescored.json`` or,
+    with ``protocol``, under that one into ``rescored.<protocol>.json`` (+ ``.jsonl`` rows); print a table, return
+    the dict. An unknown protocol, or one whose tokenizer cannot run here, is one ValueError before any scoring."""
     run_dir = Path(run_dir)
     path = run_dir / "results.jsonl"
+    name = get_protocol(protocol).name if protocol is not None else None
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {path}")
     rows, problems = read_rows(path)
+    used = name or run_protocol(run_dir)
+    why = protocol_problem(used, (r for r in rows if r.get("status", "ok") == "ok"))
+    if why:
+        raise ValueError(why)
     for p in problems:
         print(p, file=sys.stderr)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -57,10 +82,16 @@ def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = Tr
     cache_path = run_dir / "judge_cache.jsonl" if cache else None
     scored = {}
     for (task, lang, tgt), grp in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        name = f"{task}/{lang}" + (f"2{tgt}" if task == "st" else "")
-        scored[name] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path)
-    summary = {"run_dir": str(run_dir), "n_rows": len(rows), "n_malformed": len(problems), "malformed": problems, "groups": scored}
-    write_json(run_dir / "rescored.json", _nan_to_none(summary))
+        group = f"{task}/{lang}" + (f"2{tgt}" if task == "st" else "")
+        scored[group] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path, protocol=used)
+    summary = {"run_dir": str(run_dir), "protocol": used, "n_rows": len(rows), "n_malformed": len(problems),
+               "malformed": problems, "groups": scored}
+    if name is None:
+        write_json(run_dir / "rescored.json", _nan_to_none(summary))
+    else:
+        write_json(run_dir / f"rescored.{name}.json", _nan_to_none(summary))
+        write_jsonl(run_dir / f"rescored.{name}.jsonl",
+                    ({**r, **row_metrics(r, name)} if r.get("status", "ok") == "ok" else r for r in rows))
     if not quiet:
         print(format_table(summary))
     return summary
@@ -81,23 +112,46 @@ def _pct(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def metric_of(g: dict[str, Any]) -> tuple[str, str]:
+    """(name, value) of a group's headline number: WER% / CER% / MER% (mixed units), BLEU or Acc%."""
+    if g["task"] == "asr":
+        name = {"char": "CER%", "mixed": "MER%"}.get(g.get("unit"), "WER%")
+        return name, _pct(g.get("wer"))
+    if g["task"] == "st":
+        return "BLEU", "-" if g.get("bleu") is None else f"{g['bleu']:.2f}"
+    return "Acc%", _pct(g.get("accuracy"))
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A small text table of a rescore summary (rates in %; BLEU as sacrebleu reports it)."""
     head = f"{'group':<12} {'n':>6} {'failed':>6} {'metric':<9} {'score':>8} {'cWER':>7} {'loop%':>6} {'switch%':>7} {'empty%':>6}"
-    lines = [head, "-" * len(head)]
+    lines = [f"protocol {summary.get('protocol', 'paper')}", head, "-" * len(head)]
     for name, g in summary["groups"].items():
-        if g["task"] == "asr":
-            metric, value, cwer = ("CER%" if g.get("unit") == "char" else "WER%"), _pct(g.get("wer")), _pct(g.get("cwer"))
-        elif g["task"] == "st":
-            metric, value, cwer = "BLEU", "-" if g.get("bleu") is None else f"{g['bleu']:.2f}", "-"
-        else:
-            metric, value, cwer = "Acc%", _pct(g.get("accuracy")), "-"
+        metric, value = metric_of(g)
+        cwer = _pct(g.get("cwer")) if g["task"] == "asr" else "-"
         lines.append(
             f"{name:<12} {g['n']:>6} {g['n_failed']:>6} {metric:<9} {value:>8} {cwer:>7} "
             f"{_pct(g.get('loop_rate')):>6} {_pct(g.get('switch_rate')):>7} {_pct(g.get('empty_rate')):>6}"
         )
     if summary.get("n_malformed"):
         lines.append(f"({summary['n_malformed']} malformed lines skipped)")
+    return "\n".join(lines)
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """The same hypotheses under each protocol: one line per group, one column per protocol (ASR cells say their
+    metric, WER / CER / MER, since protocols count different units)."""
+    names = list(summaries)
+    groups = list(dict.fromkeys(g for s in summaries.values() for g in s["groups"]))
+    width = max(13, *(len(n) for n in names))
+    lines = [f"{'group':<12} " + " ".join(f"{n:>{width}}" for n in names)]
+    for group in groups:
+        cells = []
+        for n in names:
+            g = summaries[n]["groups"].get(group)
+            metric, value = metric_of(g) if g else ("", "-")
+            cells.append(f"{value} {metric.rstrip('%')}" if g and g["task"] == "asr" else value)
+        lines.append(f"{group:<12} " + " ".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ row counts, and a refusal names the keys that differ); the data, whose load fail
 checks that need the data (oracle without word alignments); then the model, loaded only when something is left to
 decode. A batch that fails is decoded again one item at a time, so only the bad item fails (``data.on_error=skip``)
 or is named (otherwise). The summary is :func:`speech_redundancy.metrics.score` over the rows in
-``results.jsonl``. The CLI exits 0 on success, 1 when nothing was scored, 2 on an error, 130 on Ctrl-C (one line
+``results.jsonl`` under the run's scoring ``protocol`` (top-level key, default ``paper``), which every scored row
+and ``run.json`` name; the protocol is not part of the settings fingerprint (it changes no hypothesis), so a run
+resumed under another protocol keeps its rows and has their metrics recomputed. The CLI exits 0 on success, 1 when nothing was scored, 2 on an error, 130 on Ctrl-C (one line
 saying what was saved and how to resume); a failed run leaves ``failed.json`` (the error, the overrides).
 """
 
@@ -73,10 +75,22 @@ def _integer(cfg: DictConfig, key: str, minimum: int | None) -> int:
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """One line for a run-level number that is not one: ``batch_size``, ``max_new_tokens``, ``seed``."""
+    """One line for a run-level number that is not one (``batch_size``, ``max_new_tokens``, ``seed``) or an
+    unknown scoring ``protocol``."""
     _integer(cfg, "batch_size", 1)
     _integer(cfg, "max_new_tokens", 1)
     _integer(cfg, "seed", None)
+    protocol_of(cfg)
+
+
+def protocol_of(cfg: DictConfig) -> str:
+    """The run's scoring protocol (``protocol=...``, default ``paper``), checked against the known ones."""
+    from speech_redundancy.protocols import NAMES
+
+    name = cfg.get("protocol") or "paper"
+    if name not in NAMES:
+        raise RunError(f"protocol={name!r} is not allowed: use one of {', '.join(NAMES)}")
+    return str(name)
 
 
 def _static_depth(model_cfg: DictConfig) -> tuple[int, str] | None:
@@ -187,9 +201,10 @@ def _build_model(model_cfg: DictConfig):
 
 
 # ----------------------------------------------------------------------------- per-item rows
-def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None) -> dict[str, Any]:
-    """The results row of a decoded item. With ``save_groups``: each point's group map and, when the item has word
-    timings, its ``words`` and their ``word_spans`` ([start, end) over the input tokens) for the group plots."""
+def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None, protocol: str = "paper") -> dict[str, Any]:
+    """The results row of a decoded item, its metrics under ``protocol``. With ``save_groups``: each point's group
+    map and, when the item has word timings, its ``words`` and their ``word_spans`` ([start, end) over the input
+    tokens) for the group plots."""
     from speech_redundancy import metrics
 
     row: dict[str, Any] = {
@@ -207,8 +222,10 @@ def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None) ->
         "seconds": out.stats.get("seconds"),
         "stats": out.stats,
     }
+    row["protocol"] = protocol
     if utt.task == "asr":
-        row["edits"], row["ref_words"] = metrics.utterance_edits(utt.text, out.text, language=utt.language)
+        row["edits"], row["ref_words"] = metrics.utterance_edits(utt.text, out.text, language=utt.language,
+                                                                 protocol=protocol)
     row["loop"] = metrics.repetition_loop(out.text, language=utt.language)
     for key in ("kind", "source", "question", "choices", "answer", "target_language"):
         if key in utt.extra:
@@ -285,17 +302,22 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
                 for k in RESULT_KEYS}
     ident = identity(settings)
     fp = digest(ident)
+    protocol = protocol_of(cfg)
     _check_resume(out_dir, ident, fp, cfg)
     for stale in ("summary.json", MARKER):  # written again when this run ends
         (out_dir / stale).unlink(missing_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    write_json(out_dir / "run.json", {"fingerprint": fp, "identity": ident, "settings": settings, **environment()})
+    write_json(out_dir / "run.json", {"fingerprint": fp, "identity": ident, "settings": settings, "protocol": protocol,
+                                      **environment()})
 
     on_error = cfg.data.get("on_error", "raise")
     utts, failures = load_dataset(cfg.data)
     utts, unaligned = check_alignments(points, utts, on_error)
     if not utts and not failures and not unaligned:
         raise RunError(f"data={cfg.data.name}: no utterances selected")
+    why = metrics.protocol_problem(protocol, ({**u.extra, "task": u.task, "language": u.language} for u in utts))
+    if why:
+        raise RunError(why)
     task = str(utts[0].task if utts else cfg.task.get("name", "asr"))
     language = str(utts[0].language if utts else cfg.data.get("language") or cfg.task.get("language") or "en")
     selected = {u.id for u in utts}
@@ -316,19 +338,23 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
             model = load_model(cfg.model)
             if hasattr(model, "check_points"):
                 model.check_points(points)
-            _decode(cfg, model, points, todo, log, on_error)
+            _decode(cfg, model, points, todo, log, on_error, protocol)
+        for row in log.rows.values():  # rows resumed from a run under another protocol: their metrics again
+            if row.get("status") == "ok" and row.get("protocol", "paper") != protocol:
+                row.update(metrics.row_metrics(row, protocol))
     finally:
         log.close(order=order)
     rows = [log.rows[i] for i in order if i in log.rows]
-    summary = metrics.score(rows)
+    summary = metrics.score(rows, protocol)
     summary.update(model=cfg.model.name, data=cfg.data.name, intervention=cfg.intervention.tag,
                    points=[p.as_dict() for p in points])
     write_json(out_dir / "summary.json", summary)
-    print(format_summary(summary, f"{cfg.model.name} | {cfg.data.name} | {cfg.intervention.tag} -> {out_dir}"))
+    print(format_summary(summary, f"{cfg.model.name} | {cfg.data.name} | {cfg.intervention.tag} | protocol {protocol} "
+                                  f"-> {out_dir}"))
     return summary
 
 
-def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str) -> None:
+def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str, protocol: str = "paper") -> None:
     bs = int(cfg.get("batch_size", 1))
     prompt = cfg.task.get("prompt") if "task" in cfg else None
     save_groups = bool(cfg.get("save_groups", False))
@@ -347,7 +373,8 @@ def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str) -> None:
         nonlocal edits, words
         if speedup:  # retention counts against the tokens of the original audio
             out.tokens_in = max(1, math.ceil(model.token_rate * req.utt.duration))
-        row = item_row(req.utt, out, save_groups=save_groups, token_rate=getattr(model, "token_rate", None))
+        row = item_row(req.utt, out, save_groups=save_groups, token_rate=getattr(model, "token_rate", None),
+                       protocol=protocol)
         log.append(row)
         if "edits" in row:
             edits, words = edits + row["edits"], words + row["ref_words"]
