@@ -260,6 +260,33 @@ def test_make_figures_writes_what_has_data_and_says_what_it_skips(fake_outputs, 
         assert f"skipped {skipped}" in report
     assert "results.jsonl:3: malformed" in report and "no summary.json" in report
     assert not any("Fig. 2" in s for s in rep.skipped)
+    assert "; protocol paper" in (out / "table4_oracle_m_fake.md").read_text()  # every table names its protocol
+    assert {"protocols_m_fake.csv", "protocols_m_fake.md"} <= names
+    assert "protocol" in (out / "runs.csv").read_text().splitlines()[0].split(",")
+
+
+def test_protocols_table_scores_the_same_hypotheses_under_each_protocol(tmp_path):
+    root = tmp_path / "outputs"
+    row = {"id": "u0", "status": "ok", "task": "asr", "language": "en", "tokens_in": 10, "tokens_out": 10,
+           "reference": "He paid twenty dollars, ah, for 5 apples.", "hypothesis": "he paid $20 for five apples"}
+    d = _fake_run(root, "runs/m/fake/vanilla", {"name": "none", "tag": "vanilla", "points": []}, [row])
+    meta = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps({**meta, "protocol": "ultraeval"}))  # run under UltraEval's rules
+    _fake_run(root, "runs/m/fake/affinity", _affinity(0, 0.9), [{**row, "hypothesis": "he paid for apples"}])
+    df, runs, _ = ex.collect(root)
+    assert dict(zip(df["tag"], df["protocol"])) == {"vanilla": "ultraeval", "affinity-l0-t0.9-w3-hidden": "paper"}
+    assert df.set_index("tag").loc["vanilla", "wer"] == pytest.approx(1 / 8)  # its own protocol: '$' is a unit
+    assert set(ex.collect(root, "paper")[0]["protocol"]) == {"paper"}
+    t, problems = ex.protocols_table(runs, df["context"].iloc[0])
+    assert not problems
+    assert list(t.columns) == ["run", "n", "WER % paper", "WER % kimi_evalkit", "WER % lmms_eval", "WER % ultraeval",
+                               "WER % audiobench"]
+    van = t.set_index("run").loc["vanilla"]
+    # paper, kimi, lmms: 'ah' deleted of 7 words; ultraeval: '$ 20' makes 8 units; audiobench: 'ah' is a filler
+    assert list(van.iloc[1:]) == pytest.approx([100 / 7, 100 / 7, 100 / 7, 100 / 8, 0.0])
+    aff = t.set_index("run").loc["affinity-l0-t0.9-w3-hidden"]
+    # hyp 'he paid for apples': paper deletes 20, ah, 5 of 7 units; audiobench $twenty, five of 6
+    assert aff["WER % paper"] == pytest.approx(300 / 7) and aff["WER % audiobench"] == pytest.approx(200 / 6)
 
 
 def test_main_table_pairs_dap_with_its_single_point_runs(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, compose
 from speech_redundancy.data.records import read_manifest, write_manifest
-from speech_redundancy.metrics import corpus_wer
+from speech_redundancy.metrics import corpus_wer, utterance_edits
 from speech_redundancy.compress import Point
 from speech_redundancy.models.base import Request
 from speech_redundancy.runner import RunError, run
@@ -139,12 +139,33 @@ def test_oracle_random_drop_depends_only_on_seed(real_subset, tmp_path):
     (["intervention=oracle", "layer=9"], "layer=9"),
     (["intervention=oracle", "operator=shuffle"], "operator"),
     (["intervention=affinity", "features=pitch"], "features"),
+    (["protocol=harness"], "protocol='harness' is not allowed: use one of paper, kimi_evalkit"),
 ])
 def test_invalid_settings_are_refused_before_compute(real_subset, tmp_path, overrides, needle):
     cfg = compose(TINY + ["data=manifest", f"data.manifest={real_subset}"] + overrides)
     with pytest.raises((RunError, ValueError), match=needle):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.jsonl").exists() or not _rows(tmp_path / "results.jsonl")
+
+
+def test_protocol_is_named_everywhere_and_not_in_the_fingerprint(real_subset, tmp_path):
+    base = TINY + ["data=manifest", f"data.manifest={real_subset}"]
+    first = run(compose(base), tmp_path)
+    rows = _rows(tmp_path / "results.jsonl")
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert first["protocol"] == meta["protocol"] == "paper" and all(r["protocol"] == "paper" for r in rows)
+    again = run(compose(base + ["protocol=audiobench"]), tmp_path)  # resumes: nothing is decoded again
+    rescored = _rows(tmp_path / "results.jsonl")
+    meta2 = json.loads((tmp_path / "run.json").read_text())
+    assert meta2["fingerprint"] == meta["fingerprint"] and meta2["protocol"] == "audiobench"
+    assert again["protocol"] == json.loads((tmp_path / "summary.json").read_text())["protocol"] == "audiobench"
+    metric = {"protocol", "edits", "ref_words"}
+    for old, new in zip(rows, rescored):
+        assert {k: v for k, v in old.items() if k not in metric} == {k: v for k, v in new.items() if k not in metric}
+        assert new["protocol"] == "audiobench"
+        assert (new["edits"], new["ref_words"]) == utterance_edits(old["reference"], old["hypothesis"],
+                                                                   protocol="audiobench")
+    assert (again["edits"], again["ref_words"]) == (sum(r["edits"] for r in rescored), sum(r["ref_words"] for r in rescored))
 
 
 def test_broken_audio_is_counted_not_dropped(real_subset, tmp_path):

@@ -16,9 +16,11 @@ score ASR like this, and so do we:
 - other languages: the basic normaliser, then words.
 
 Differences from the peers' exact code, all small:
-- Their Chinese normaliser is SpeechIO's ``cn_tn.py``; we read numbers out with ``cn2an`` (PyPI) instead. Both
-  read cardinals, decimals, percentages, fractions and years the same way; ``cn_tn`` reads phone numbers digit
-  by digit where cn2an reads them as one cardinal.
+- Their Chinese normaliser is SpeechIO's ``cn_tn.py``; :func:`normalize_chinese` reads numbers out with ``cn2an``
+  (PyPI) instead. Both read cardinals, decimals, percentages, fractions and years the same way; ``cn_tn`` reads
+  phone numbers and other runs of 4+ digits digit by digit and says 两 for a leading 2 before 百/千, where cn2an
+  reads one cardinal. The harness protocols (:mod:`speech_redundancy.protocols`) use :func:`cn_tn` instead, our
+  re-implementation of cn_tn's rules in its order.
 - Whisper's English normaliser needs its British -> American spelling list (1,739 pairs). transformers ships the
   normaliser class but not the list: it comes with a Whisper tokenizer's ``normalizer.json``, which needs the
   model hub. :func:`english_spelling_mapping` finds the list offline (see there). Without it, British spellings
@@ -193,10 +195,63 @@ def _is_cn_tn_punct(ch: str) -> bool:
     return 0x21 <= code <= 0x7E and not chr(code).isalnum()
 
 
+_ZH_DIGITS = "零一二三四五六七八九"
+# Common measure words and units after which cn_tn reads a number as a quantity ("2000个" -> 两千个) rather than
+# digit by digit ("2000人" -> 二零零零人); our own selection, so rare measure words may be read differently.
+_ZH_MEASURES = ("个 只 条 张 本 件 位 名 回 场 首 辆 棵 颗 粒 块 片 根 支 枝 双 对 套 家 户 层 座 幢 页 岁 年 月 日 天 周 季 "
+                "代 世 纪 秒 分 时 刻 米 千米 厘米 毫米 里 尺 寸 丈 克 千克 斤 两 升 杯 碗 瓶 盒 袋 箱 桶 盘 罐 壶 盆 锅 "
+                "堆 群 队 口 头 匹 道 面 钱 元 角 毛 亿 万 千 百").split()
+_ZH_NUMBER = r"(\d+(?:\.\d+)?)"
+
+
+def _zh_digits(digits: str) -> str:
+    return "".join(_ZH_DIGITS[int(d)] for d in digits if d.isdigit())
+
+
+def _zh_cardinal(number: str) -> str:
+    """cn_tn's reading of a cardinal: cn2an's, with 两 for a 2 before 百/千/万/亿 that starts the number or follows
+    one of those units (200 -> 两百, 1200 -> 一千两百, 22 -> 二十二), and a leading zero kept before one digit."""
+    whole, _, frac = number.partition(".")
+    stripped = whole.lstrip("0")
+    if len(stripped) <= 1 and len(whole) > len(stripped) and stripped:
+        out = "零" + _ZH_DIGITS[int(stripped)]
+    else:
+        converter = _cn2an()
+        if converter is None:
+            return number
+        try:
+            out = converter.an2cn(str(int(whole)) if whole else "0", "low")
+        except (ValueError, KeyError, IndexError):  # past cn2an's 16 digits: digit by digit
+            out = _zh_digits(whole)
+    units = "百千万亿"
+    chars = list(out)
+    for i, ch in enumerate(chars):
+        if ch == "二" and i + 1 < len(chars) and chars[i + 1] in units and (i == 0 or chars[i - 1] in units):
+            chars[i] = "两"
+    out = "".join(chars)
+    return out + ("点" + _zh_digits(frac) if frac else "")
+
+
 def cn_tn(text: str) -> str:
-    """Stand-in for SpeechIO's ``cn_tn.TextNorm`` as the harnesses configure it (no case change, spaces kept):
-    numbers read out (:func:`read_numbers_zh`, cn2an instead of cn_tn's own rules), punctuation -> spaces."""
-    out = read_numbers_zh(text)
+    """Stand-in for SpeechIO's ``cn_tn.TextNorm`` as the harnesses configure it (no case change, spaces kept), our
+    own code after its rules, in its order: years digit by digit, months and days, money and numbers before a
+    measure word as cardinals, mobile and fixed phone numbers digit by digit, fractions, percentages, other runs of
+    4+ digits digit by digit, the remaining numbers as cardinals (:func:`_zh_cardinal`), ``P2P``-style codes kept;
+    then punctuation -> spaces. Approximations: our measure-word list, and cardinal reading by cn2an."""
+    out = text
+    out = re.sub(r"(?<!\d)((?:19|20)\d{2}|[089]\d)(?=年)", lambda m: _zh_digits(m.group(1)), out)
+    out = re.sub(r"(?<!\d)(\d{1,2})(?=月)", lambda m: _zh_cardinal(m.group(1)), out)
+    out = re.sub(r"(?<=月)(\d{1,2})(?=[日号])", lambda m: _zh_cardinal(m.group(1)), out)
+    out = re.sub(r"(?<!\d)((?:\+?86 ?)?1(?:[38]\d|5[0-35-9]|7[678]|9[89])\d{8})(?!\d)",
+                 lambda m: _zh_digits(m.group(1).removeprefix("+")), out)
+    out = re.sub(r"(?<!\d)((?:0(?:10|2[1-3]|[3-9]\d{2})-?)?[1-9]\d{6,7})(?!\d)", lambda m: _zh_digits(m.group(1)), out)
+    out = re.sub(r"(\d+)/(\d+)", lambda m: _zh_cardinal(m.group(2)) + "分之" + _zh_cardinal(m.group(1)), out)
+    out = re.sub(_ZH_NUMBER + r"[%％]", lambda m: "百分之" + _zh_cardinal(m.group(1)), out)
+    measures = "|".join(sorted(map(re.escape, _ZH_MEASURES), key=len, reverse=True))
+    out = re.sub(_ZH_NUMBER + rf"(?=[多余几]?(?:{measures}))", lambda m: _zh_cardinal(m.group(1)), out)
+    out = re.sub(r"\d{4,32}", lambda m: _zh_digits(m.group(0)), out)
+    out = re.sub(_ZH_NUMBER, lambda m: _zh_cardinal(m.group(1)), out)
+    out = re.sub(r"([a-zA-Z]+)二([a-zA-Z]+)", r"\g<1>2\g<2>", out)
     return "".join(" " if _is_cn_tn_punct(ch) else ch for ch in out)
 
 

@@ -13,9 +13,9 @@ computes BLEU; nothing here counts edits by hand.
   included; every quirk and every stand-in is a line of the record's ``notes`` (README, *Scoring protocols*).
 
 Stand-ins, labelled in the step names: SpeechIO's ``cn_tn.TextNorm`` (Chinese numbers and punctuation, used by
-kimi_evalkit, lmms_eval and ultraeval) is not on PyPI, so ``cn_tn(cn2an)`` reads numbers with cn2an and replaces
-punctuation with spaces. AudioBench's BLEU tokenizer ``flores101`` needs sentencepiece and the FLORES-101
-SentencePiece model that sacrebleu downloads; offline, :func:`problem` names the file to put in place.
+kimi_evalkit, lmms_eval and ultraeval) is not on PyPI, so ``cn_tn(ours)`` is our re-implementation of its rules
+(:func:`speech_redundancy.normalize.cn_tn`). AudioBench's BLEU tokenizer ``flores101`` needs sentencepiece and the
+FLORES-101 SentencePiece model that sacrebleu downloads; offline, :func:`problem` names the file to put in place.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ STEPS: dict[str, Callable[[str], str]] = {
     "whisper_basic": N.normalize_basic,
     "t2s": N.to_simplified,
     "zh_paper": N.normalize_chinese,  # this project's Mandarin normaliser (normalize.py)
-    "cn_tn(cn2an)": N.cn_tn,
+    "cn_tn(ours)": N.cn_tn,
     "json_content": _json_content,
     "audiobench_words": _audiobench_words,
     "audiobench_brackets": lambda s: _AB_BRACKETS.sub("", s),
@@ -224,7 +224,7 @@ KIMI_EVALKIT = Protocol(
     source="MoonshotAI/Kimi-Audio-Evalkit almeval/metrics/wer.py compute_wer, almeval/datasets/ds_asr.py",
     asr={
         "en": Units(_EN, **_KIMI_TOK),
-        "zh": Units(("remove_sp", "remove_spaces", "cn_tn(cn2an)"), "mixed", **_KIMI_TOK),
+        "zh": Units(("remove_sp", "remove_spaces", "cn_tn(ours)"), "mixed", **_KIMI_TOK),
         "yue": Units(("remove_sp", "t2s", "whisper_basic"), "mixed", **_KIMI_TOK),
         "*": Units(("remove_sp", "whisper_basic"), **_KIMI_TOK),
     },
@@ -236,8 +236,8 @@ KIMI_EVALKIT = Protocol(
         "through the basic normaliser)",
         "units: sacrebleu's zh tokenizer, lower-cased, tokens of punctuation only dropped: Mandarin is scored on "
         "characters but a Latin word or digit run inside it stays one unit (mixed)",
-        "Mandarin: cn_tn(cn2an) stands in for SpeechIO cn_tn (not on PyPI): cn2an reads the numbers, punctuation "
-        "becomes spaces",
+        "Mandarin: cn_tn(ours), our re-implementation of SpeechIO cn_tn (not on PyPI): years, phone numbers and "
+        "other runs of 4+ digits digit by digit, 两 before 百/千/万/亿, punctuation -> spaces; our measure-word list",
         "Cantonese: zhconv to simplified then the basic normaliser, not the Chinese one (numbers stay digits)",
         "a hypothesis that is the string 'null' is left out with its reference",
         "BLEU: the evalkit has no translation task; as Qwen2-Audio evaluate_st.py (texts as they are; zh, ja-mecab, 13a)",
@@ -251,12 +251,12 @@ LMMS_EVAL = Protocol(
            "tasks/covost2/utils.py",
     asr={
         "en": Units(_EN, **_LMMS_TOK),
-        "zh": Units(("remove_sp", "remove_spaces", "cn_tn(cn2an)"), "char", chars=True, **_LMMS_TOK),
+        "zh": Units(("remove_sp", "remove_spaces", "cn_tn(ours)"), "char", chars=True, **_LMMS_TOK),
         "yue": Units(("remove_sp", "t2s", "whisper_basic"), "char", chars=True, **_LMMS_TOK),
         "*": Units(("remove_sp", "whisper_basic"), **_LMMS_TOK),
     },
     bleu={
-        "zh": BleuRule("zh", Units(("remove_sp", "cn_tn(cn2an)"), "mixed", tokenizer="zh", drop_punctuation=True,
+        "zh": BleuRule("zh", Units(("remove_sp", "cn_tn(ours)"), "mixed", tokenizer="zh", drop_punctuation=True,
                                    lowercase=True)),
         "*": BleuRule("13a", Units(("remove_sp", "whisper_en"), tokenizer="none", drop_punctuation=True, lowercase=True)),
     },
@@ -264,7 +264,7 @@ LMMS_EVAL = Protocol(
     notes=(
         "ASR as Qwen2-Audio evaluate_asr.py: Whisper English then basic normaliser, no extra tokenizer, Mandarin and "
         "Cantonese on characters (Latin letters included)",
-        "Mandarin: cn_tn(cn2an) stands in for SpeechIO cn_tn; Cantonese: zhconv then the basic normaliser",
+        "Mandarin: cn_tn(ours) for SpeechIO cn_tn (see kimi_evalkit); Cantonese: zhconv then the basic normaliser",
         "BLEU en->zh: cn_tn on both sides, sacrebleu zh pre-tokenisation, lower-cased, punctuation tokens dropped, "
         "then corpus BLEU with zh",
         "BLEU zh->en: Whisper's English normaliser only (no basic one), lower-cased, punctuation tokens dropped, then "
@@ -277,8 +277,8 @@ ULTRAEVAL = Protocol(
     name="ultraeval",
     source="OpenBMB/UltraEval-Audio audio_evals/agg/base.py (PracticeWER, BLEU), audio_evals/lib/wer.py compute_wer",
     asr={
-        "zh": Units(_ULTRA + ("cn_tn(cn2an)",), "mixed", tokenizer="zh", lowercase=True),
-        "yue": Units(_ULTRA + ("t2s", "cn_tn(cn2an)"), "mixed", tokenizer="zh", lowercase=True),
+        "zh": Units(_ULTRA + ("cn_tn(ours)",), "mixed", tokenizer="zh", lowercase=True),
+        "yue": Units(_ULTRA + ("t2s", "cn_tn(ours)"), "mixed", tokenizer="zh", lowercase=True),
         "ja": Units(_ULTRA, "mixed", tokenizer="ja-mecab", lowercase=True),
         "*": Units(_ULTRA, tokenizer="13a", lowercase=True),
     },
@@ -292,7 +292,7 @@ ULTRAEVAL = Protocol(
         "only through its <...> bracket rule",
         "units: sacrebleu 13a (zh for Mandarin and Cantonese: mixed), lower-cased, punctuation kept: the symbols the "
         "English normaliser keeps ($ % £ € ¢) are units of their own",
-        "Mandarin: cn_tn(cn2an) stands in for SpeechIO cn_tn; Japanese needs MeCab (mecab-python3, ipadic)",
+        "Mandarin: cn_tn(ours) for SpeechIO cn_tn (see kimi_evalkit); Japanese needs MeCab (mecab-python3, ipadic)",
         "BLEU: texts as they are (no normaliser, special tokens kept), pairs with an empty reference dropped; zh, "
         "ja-mecab, 13a",
     ),
