@@ -2,7 +2,8 @@
 
 A run folder holds ``results.jsonl`` (one row per item of the run's selection: decoded, or ``status: failed`` with
 the reason, load-time failures included), ``summary.json``, ``config.yaml`` (resolved), ``run.json`` (code
-version, package versions, the settings and the fingerprint of those that decide a row), ``run.lock`` (held while a
+version, package versions, the settings and the fingerprint of those that decide a row, the scoring protocol,
+which is not among them), ``run.lock`` (held while a
 process works in the folder) and, after a failure, ``failed.json``. Rows decoded earlier for items outside the
 current selection (a smaller ``data.limit``) wait in ``unselected.jsonl`` and are reused when selected again.
 Re-running into the same folder resumes: finished items are skipped, failed ones are retried, and the file is
