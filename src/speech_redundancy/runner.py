@@ -340,7 +340,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
                 model.check_points(points)
             _decode(cfg, model, points, todo, log, on_error, protocol)
         for row in log.rows.values():  # rows resumed from a run under another protocol: their metrics again
-            if row.get("status") == "ok" and row.get("protocol", "paper") != protocol:
+            if row.get("status") == "ok" and row.get("protocol") != protocol:
                 row.update(metrics.row_metrics(row, protocol))
     finally:
         log.close(order=order)
