@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -455,11 +456,16 @@ def _build(out_dir: Path, texts: list[str], fp: str, settings: SynthesisSettings
     clips_dir = out_dir / "clips"
     shutil.rmtree(clips_dir, ignore_errors=True)
     clips_dir.mkdir(parents=True)
+    say = functools.partial(print, flush=True) if progress else lambda *_: None
     cache = cache_dir()
+    say(f"demo set: sources from PyPI, each fetched once: {POCKETSPHINX_SDIST[0]} {POCKETSPHINX_SDIST[1]} sdist "
+        f"(34 MB), {PYANNOTE_WHEEL} and {VOICE_WHEEL} wheels (about 10 s)")
     sdist = fetch_pypi_sdist(*POCKETSPHINX_SDIST, cache=cache)
     pyannote = fetch_pypi_wheel(PYANNOTE_WHEEL, cache=cache)
     voice = voice_files(cache / "voices", cache)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    say(f"demo set: speaking {len(texts)} texts with piper and timing the words of every clip with pocketsphinx "
+        f"({workers} process{'es' if workers > 1 else ''}; about 1 min on 2 cores)")
 
     with _synthesis_pool(voice, settings, workers) as run_jobs:
         synthetic = run_jobs([(i, text, clips_dir) for i, text in enumerate(texts)])
