@@ -11,7 +11,7 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     fig7_window_<ctx>_<feat>.*                                                      (affinity runs, layers with ≥2 ω)
     table1_main_<model>.*                                                           (DAP runs + matching AP runs)
     table2_prefill.*                                                                (scripts/bench_prefill.py JSON)
-    table3_fixed_budget_<model>.*                                                   (speedup / fixed_ratio runs)
+    table3_fixed_ratio_<model>.*                                                   (speedup / fixed_ratio runs)
     fig3_dynamics_<model>_<data>_<feat>.*                                           (analysis dynamics.jsonl)
     fig5_groups_<ctx>_<utt>.*                                                       (runs with save_groups=true)
     table9_trajectories_<ctx>.*                                                     (oracle runs, one utterance)
@@ -143,9 +143,9 @@ def main_results(df, out, rep):
                     "Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)")
 
 
-def fixed_budget(df, out, rep):
-    per_model_table(df, out, rep, ex.fixed_budget_table, "table3_fixed_budget",
-                    "Fixed token budgets at layer 0, {model}: WER (%)", "Table 3 (fixed_budget)",
+def fixed_ratio(df, out, rep):
+    per_model_table(df, out, rep, ex.fixed_ratio_table, "table3_fixed_ratio",
+                    "Fixed retention K at layer 0, {model}: WER (%)", "Table 3 (fixed_ratio)",
                     "no speedup or fixed_ratio runs at layer 0", min_rows=2)
 
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> Report:
     oracle(df, out, rep)
     affinity(df, out, rep)
     main_results(df, out, rep)
-    fixed_budget(df, out, rep)
+    fixed_ratio(df, out, rep)
     prefill(args.outputs, out, rep)
     dynamics(args.outputs, out, rep)
     groups(df, runs, out, rep)

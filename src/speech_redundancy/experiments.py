@@ -15,7 +15,7 @@ each: malformed result lines (``file:line``), folders without ``summary.json`` (
 failed jobs (their ``failed.json``: the error and the overrides, found even where the job died before writing
 ``run.json``), missing shards, failed utterances.
 
-The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``,
+The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_ratio_table``,
 ``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
 ``protocols_table`` takes the runs of one context and scores the same hypotheses under every protocol.
 """
@@ -429,7 +429,7 @@ def _best(d: pd.DataFrame) -> dict | None:
 FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in", "affinity_ratio"))
 
 
-def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
+def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """Paper Table 3: WER (%) per dataset under fixed token budgets K, for speedup, interpolate and AP_in
     (``affinity_ratio``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
     d = _not_aux(df[df["model"] == model]) if not df.empty else df
