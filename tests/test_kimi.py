@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import compose
+from conftest import CONF, compose
 from speech_redundancy import compress as ops
 from speech_redundancy import efficiency
 from speech_redundancy.data.records import Utterance
@@ -714,3 +714,85 @@ def test_run_end_to_end_on_the_demo_set(folders, demo_manifest, tmp_path):
     assert summary["n_utterances"] == 3 and summary["n_failed"] == 0 and summary["retention"] == 1.0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["stats"]["audio_inputs"] == "both" and r["tokens_in"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- the Kimi-Audio presets
+KIMI_PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*_kimi.yaml"))
+
+
+def _hydra(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_kimi_presets_carry_the_papers_kimi_settings():
+    from omegaconf import OmegaConf
+
+    assert KIMI_PRESETS == ["affinity_layers_kimi", "cosine_dynamics_kimi", "group_plots_kimi", "main_results_kimi",
+                            "oracle_layers_kimi", "sensitivity_layer_kimi", "trajectories_kimi"]
+    sweeps = {}
+    for name in KIMI_PRESETS:
+        cfg = _hydra([f"experiment={name}", "++data.root=/data"])
+        assert cfg.model.family == "kimi" and cfg.model.n_layers == 28 and cfg.experiment_name == name
+        params = cfg.hydra.sweeper.params
+        sweeps[name] = OmegaConf.to_container(params) if params else {}
+    assert sweeps["oracle_layers_kimi"] == {"layer": "range(0,26,5)", "operator": "random_drop,uniform_drop,uniform_merge",
+                                            "budget": "1,2,4,8"}
+    assert sweeps["affinity_layers_kimi"] == {"layer": "range(0,26,5)", "threshold": "0.6,0.7,0.8,0.9"}
+    assert sweeps["sensitivity_layer_kimi"] == {"layer": "0,1,2,3,24,25,26,27", "threshold": "0.6,0.7,0.8,0.9"}
+    assert sweeps["group_plots_kimi"] == {"layer": "range(0,26,5)"}
+    assert sweeps["trajectories_kimi"]["layer"] == "range(0,26,5)"
+    assert _hydra(["experiment=trajectories_kimi", "++data.root=/d"]).budget == 1
+    dap = _hydra(["experiment=main_results_kimi", "intervention=dap", "++data.root=/d"]).intervention
+    assert [(p.layer, p.params.threshold, p.params.window) for p in dap.points] == [(0, 0.8, 1), (25, 0.7, 3)]
+    aff = _hydra(["experiment=affinity_layers_kimi", "++data.root=/d"])
+    assert aff.window == 3 and aff.intervention.name == "affinity"
+
+
+@pytest.fixture(scope="module")
+def two_worded(demo_manifest, tmp_path_factory):
+    """The two shortest real demo clips with word timings (the oracle presets need them)."""
+    from speech_redundancy.data.records import read_manifest, write_manifest
+
+    utts = sorted((u for u in read_manifest(demo_manifest) if u.extra.get("kind") == "real" and u.words),
+                  key=lambda u: u.duration)[:2]
+    path = tmp_path_factory.mktemp("kimi-two") / "manifest.jsonl"
+    write_manifest(path, utts)
+    return path
+
+
+# each preset once on the 4-layer tiny model: a deep layer (3) in place of the paper's, DAP for Table 8
+TINY = {"main_results_kimi": ["intervention=dap", "layer_deep=3"], "trajectories_kimi": ["layer=3"],
+        "oracle_layers_kimi": ["layer=3"], "affinity_layers_kimi": ["layer=3"], "group_plots_kimi": ["layer=3"],
+        "sensitivity_layer_kimi": ["layer=3"]}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_kimi_preset_runs_on_the_tiny_kimiaudio(name, folders, two_worded, tmp_path):
+    from speech_redundancy.runner import run
+
+    cfg = _hydra([f"experiment={name}", "model=tiny_kimiaudio", f"model.path={folders[0]}",
+                  f"model.speech_tokenizer={folders[1]}", "data=manifest", f"data.manifest={two_worded}",
+                  "data.sample=null", "data.limit=2", "max_new_tokens=4", *TINY[name]])
+    summary = run(cfg, tmp_path / name)
+    assert summary["n_utterances"] == 2 and summary["n_failed"] == 0, name
+    assert 0 < summary["retention"] < 1.0, name
+    rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+    assert all(r["stats"]["frontend_flops"] > 0 and r["stats"]["audio_inputs"] == "both" for r in rows)
+    if cfg.get("save_groups"):
+        assert all(r["groups"] and r["word_spans"] for r in rows)
+
+
+def test_cosine_dynamics_on_the_tiny_kimiaudio(folders, two_worded, tmp_path):
+    from speech_redundancy import analysis
+
+    out = analysis.main(["experiment=cosine_dynamics_kimi", "model=tiny_kimiaudio", f"model.path={folders[0]}",
+                         f"model.speech_tokenizer={folders[1]}", "data=manifest", f"data.manifest={two_worded}",
+                         "data.sample=null", f"dynamics.out_dir={tmp_path}"])
+    rows = [json.loads(x) for x in (out / "dynamics.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]  # 4 LLM layers + the normed output
+    assert all(r["n_utterances"] == 2 and -1 <= r["global_mean"] <= 1 for r in rows)
+    assert not math.isnan(rows[0]["max_within_words"])
