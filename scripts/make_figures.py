@@ -14,7 +14,10 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     table3_fixed_ratio_<model>.*                                                   (speedup / fixed_ratio runs)
     fig3_dynamics_<model>_<data>_<feat>.*                                           (analysis dynamics.jsonl)
     fig5_groups_<ctx>_<utt>.*                                                       (runs with save_groups=true)
-    table9_trajectories_<ctx>.*                                                     (oracle runs, one utterance)
+    table9_trajectories_<model>.*                                                   (oracle runs, one utterance)
+    fig2_oracle_models_<data>.*, fig4_affinity_models_<data>_w<ω>_<feat>.*, fig3_dynamics_models_<data>_<feat>.*
+                                     (the same panels for two or more models side by side, one dataset: the paper's
+                                      Qwen2-Audio | Kimi-Audio layout)
     protocols_<ctx>.*                                          (ASR/ST runs: the same hypotheses under each protocol)
     report.txt                                                                      (what was written / skipped)
 
@@ -218,12 +221,51 @@ def groups(df, runs, out, rep):
 
 
 def trajectories(df, runs, out, rep, utterance=None):
-    got = ex.trajectories(df, runs, utterance) if not df.empty else None
-    if got is None:
-        return rep.skip("Tables 9-10 (trajectories)", "no oracle runs sharing an utterance" +
-                        (f" {utterance!r}" if utterance else ""))
-    uid, t, ref = got
-    rep.wrote(ex.write_table(t, out, "table9_trajectories", f"Decoding trajectories of {uid}. Ground truth: {ref}"))
+    """One table per model (Table 9: Qwen2-Audio, Table 10: Kimi-Audio)."""
+    done = 0
+    for m in (sorted(df["model"].unique()) if not df.empty else []):
+        dm = df[df["model"] == m]
+        got = ex.trajectories(dm, [r for r in runs if r.key in set(dm["run_key"])], utterance)
+        if got is None:
+            continue
+        uid, t, ref = got
+        done += 1
+        rep.wrote(ex.write_table(t, out, f"table9_trajectories_{_slug(m)}",
+                                 f"Decoding trajectories of {uid}, {m}. Ground truth: {ref}"))
+    if not done:
+        rep.skip("Tables 9-10 (trajectories)", "no oracle runs sharing an utterance" +
+                 (f" {utterance!r}" if utterance else ""))
+
+
+def beside(df, outputs, out, rep):
+    """Figs. 2, 3, 4 with the models side by side where one dataset has runs of two or more."""
+    done = 0
+    for (data,), picks in ex.side_by_side(ex.oracle_runs(df)):
+        done += 1
+        rep.wrote(figs.oracle_layers_models([(m, d, ex.vanilla_of(df, c)) for m, c, d in picks],
+                                            out / f"fig2_oracle_models_{_slug(data)}",
+                                            f"Layer-wise oracle interventions — {data}"))
+    for (data, window, feat), picks in ex.side_by_side(ex.affinity_runs(df), ("window", "features")):
+        if min(d["layer"].nunique() for _, _, d in picks) < 2:
+            continue
+        done += 1
+        rep.wrote(figs.affinity_layers_models([(m, d, ex.vanilla_of(df, c)) for m, c, d in picks],
+                                              out / f"fig4_affinity_models_{_slug(data)}_w{int(window)}_{feat}",
+                                              f"Affinity Pooling ω={int(window)} ({feat}) — {data}"))
+    by_data: dict[tuple, list] = {}  # model, data selection and features from each dynamics.jsonl's meta.json
+    for f in sorted(Path(outputs).rglob("dynamics.jsonl")) if Path(outputs).exists() else []:
+        meta = json.loads(f.with_name("meta.json").read_text()) if f.with_name("meta.json").exists() else {}
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if meta.get("model") and isinstance(meta.get("data"), dict) and rows:
+            key = (ex.data_label(meta["data"]), str(meta.get("features", "hidden")))
+            by_data.setdefault(key, []).append((meta["model"], pd.DataFrame(rows)))
+    for (data, feat), panels in sorted(by_data.items()):
+        if len({m for m, _ in panels}) >= 2:
+            done += 1
+            rep.wrote(figs.cosine_dynamics_models(panels, out / f"fig3_dynamics_models_{_slug(data)}_{_slug(feat)}",
+                                                  f"Cosine similarity dynamics — {data} ({feat})"))
+    if not done:
+        rep.skip("Figs. 2-4, models side by side", "no dataset with runs of two or more models")
 
 
 def protocols(df, runs, out, rep):
@@ -267,6 +309,7 @@ def main(argv: list[str] | None = None) -> Report:
     dynamics(args.outputs, out, rep)
     groups(df, runs, out, rep)
     trajectories(df, runs, out, rep, args.utterance)
+    beside(df, args.outputs, out, rep)
     protocols(df, runs, out, rep)
     text = rep.text()
     (out / "report.txt").write_text(text, encoding="utf-8")

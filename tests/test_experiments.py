@@ -254,7 +254,7 @@ def test_make_figures_writes_what_has_data_and_says_what_it_skips(fake_outputs, 
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
         assert (out / f"{stem}.png").stat().st_size > 5000
     assert any(n.startswith("fig5_groups_m_fake_u0") for n in names)
-    assert "table9_trajectories.md" in names
+    assert "table9_trajectories_m.md" in names
     report = (out / "report.txt").read_text()
     for skipped in ("Tables 1/8", "Table 2", "Table 3", "Fig. 7"):
         assert f"skipped {skipped}" in report
@@ -338,8 +338,36 @@ def test_notebook_is_valid_and_its_cells_run(fake_outputs, monkeypatch, tmp_path
     assert list((fake_outputs / "figures").glob("redrawn_fig2_*.png"))
 
 
+def test_make_figures_puts_two_models_side_by_side(fake_outputs, tmp_path):
+    """A second model ("k", Kimi-Audio's place) on the same data: its own tables and figures, the two-model panels
+    of Figs. 2-4 and one trajectory table per model; a model with no affinity runs gives no Fig. 4 pair."""
+    for layer in (0, 3):
+        for budget in (1, 2):
+            _fake_run(fake_outputs, f"multirun/oracle_layers_kimi/k/fake/o-{layer}-{budget}/shard0of1",
+                      _oracle("uniform_merge", budget, layer), _rows([budget, 1], tout=20 * budget), model="k")
+    (fake_outputs / "dynamics" / "k" / "fake" / "hidden").mkdir(parents=True)
+    for model in ("m", "k"):
+        folder = fake_outputs / "dynamics" / model / "fake" / "hidden"
+        (folder / "meta.json").write_text(json.dumps({"model": model, "data": {"name": "fake"}, "features": "hidden"}))
+        (folder / "dynamics.jsonl").write_text("".join(
+            json.dumps({"layer": l, "neighbour_k1": 0.9 - 0.1 * l, "global_mean": 0.3}) + "\n" for l in range(3)))
+    mk = _load_script("make_figures")
+    out = tmp_path / "figs"
+    mk.main(["--outputs", str(fake_outputs), "--out", str(out)])
+    names = {p.name for p in out.iterdir()}
+    for stem in ("fig2_oracle_models_fake", "fig3_dynamics_models_fake_hidden", "fig2_oracle_k_fake", "table4_oracle_k_fake"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names or f"{stem}.md" in names, stem
+    assert not any(n.startswith("fig4_affinity_models") for n in names)  # "k" has no affinity runs
+    assert {"table9_trajectories_m.md", "table9_trajectories_k.md"} <= names
+    df, _, _ = ex.collect(fake_outputs)
+    ((data,), picks), = ex.side_by_side(ex.oracle_runs(df))
+    assert data == "fake" and [m for m, _, _ in picks] == ["k", "m"]  # same token rate: by name
+    assert ex.side_by_side(ex.oracle_runs(df[df["model"] == "m"])) == []
+
+
 # ------------------------------------------------------------------------------------------ GPU presets, tiny model
-GPU_RUN_PRESETS = [p for p in PRESETS if not p.endswith("_demo") and p != "cosine_dynamics"]
+# the Kimi-Audio presets (*_kimi) run on the tiny Kimi-Audio in tests/test_kimi.py
+GPU_RUN_PRESETS = [p for p in PRESETS if not p.endswith(("_demo", "_kimi")) and p != "cosine_dynamics"]
 
 
 @pytest.mark.parametrize("name", GPU_RUN_PRESETS)

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import compose
+from conftest import CONF, compose
+from speech_redundancy import compress as ops
 from speech_redundancy import efficiency
 from speech_redundancy.data.records import Utterance
 from speech_redundancy.models import glm4_speech_tokenizer as glm
@@ -441,11 +442,6 @@ def test_frontend_flops_match_the_flop_counter(model):
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_compression_points_are_refused_for_now(model):
-    with pytest.raises(ValueError, match="lands with the engine restructure"):
-        model.generate([_request(0.5)], [Point(layer=0, operator="affinity", params={"threshold": 0.8, "window": 3})], 2)
-
-
 def test_bad_requests_stop_before_compute(model):
     calls = []
     handle = model.text.backbone.model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -503,6 +499,203 @@ def test_bad_folders_are_one_clear_line(folders, tmp_path):
     fails(ValueError, "model.n_layers=28", n_layers=28)
 
 
+# ----------------------------------------------------------------------------- compression
+# thresholds for the tiny random model: its neighbouring audio tokens have cosine similarity ~0.94 (median) at l=0
+NO_MERGE = [Point(0, "affinity", {"threshold": 1.5, "window": 1}), Point(2, "affinity", {"threshold": 1.5, "window": 3})]
+DAP = [Point(0, "affinity", {"threshold": 0.95, "window": 1}), Point(3, "affinity", {"threshold": 0.9, "window": 3})]
+NEW = 5
+
+
+def _worded(seconds: float, i: int) -> Request:
+    """A request whose utterance has word timings every 0.4 s (the oracle operators need them)."""
+    from speech_redundancy.data.records import Word
+
+    req = _request(seconds, i)
+    req.utt.words = [Word(f"w{k}", 0.05 + 0.4 * k, 0.35 + 0.4 * k) for k in range(int(seconds / 0.4))]
+    req.seed = 100 + i
+    return req
+
+
+def _decoded(model, reqs, points, batch_size=1, **options):
+    """(outputs, generated ids per request) of ``model.generate``; ids are read where the adapter decodes."""
+    seen = []
+
+    def spy(batch, max_new_tokens):
+        rows = kimi.KimiAudioModel.decode(model, batch, max_new_tokens)
+        seen.extend([i for i in row if i != model.tokenizer.pad_token_id] for row in rows.tolist())
+        return rows
+
+    saved = {k: getattr(model, k) for k in ("batch_size", *options)}
+    model.decode, model.batch_size = spy, batch_size
+    for k, v in options.items():
+        setattr(model, k, v)
+    try:
+        outs = model.generate(reqs, points, NEW)
+    finally:
+        del model.decode
+        for k, v in saved.items():
+            setattr(model, k, v)
+    return outs, seen
+
+
+def _greedy_under(model, batch, points, **kw):
+    """Per-step logits and tokens of greedy decoding with ``points`` (None: no hooks at all)."""
+    from speech_redundancy.engine import compression
+
+    b = kimi.Batch(**batch)
+    args = dict(max_new_tokens=NEW, eos=EOS, blank=BLANK, keep_logits=True, stop_at_eos=False)
+    if points is None:
+        return kimi.greedy(model.text, b, **args), None
+    with compression(model.text, points, model.reach, **kw) as session:
+        out = kimi.greedy(model.text, b, **args)
+    return out, session
+
+
+@pytest.mark.parametrize("positions", ["first", "centroid", "renumber"])
+def test_no_merge_is_bit_identical_to_the_adapter_without_compression(model, positions):
+    def hooks():  # transformers installs output-capturing hooks of its own: only ours must go
+        return {n: (set(m._forward_pre_hooks), set(m._forward_hooks)) for n, m in model.text.named_modules()}
+
+    before = hooks()
+    reqs = [_request(1.3, 0), _request(2.1, 1)]
+    batch = model.inputs(reqs)
+    ref, _ = _greedy_under(model, batch, None)
+    for points in ([], NO_MERGE):
+        got, session = _greedy_under(model, batch, points, positions=positions, pool_early_kv=True)
+        assert got.tokens == ref.tokens
+        assert all(torch.equal(a, b) for a, b in zip(got.logits, ref.logits))
+        assert [r.tokens_out for r in session.records] == [r.tokens_in for r in session.records] == [17, 27]
+    # through the adapter: the same ids and one retention of 1
+    plain, ids = _decoded(model, reqs, [])
+    none, ids_none = _decoded(model, reqs, NO_MERGE)
+    assert ids == ids_none and [o.text for o in plain] == [o.text for o in none]
+    assert all(o.tokens_out == o.tokens_in and o.tokens_per_point == [o.tokens_in] * 2 for o in none)
+    assert hooks() == before
+
+
+def test_layer0_equals_the_backbone_on_prepooled_fused_embeddings(model):
+    req = _request(2.1, 1)
+    batch = model.inputs([req])
+    with torch.inference_mode():
+        x = model.text.embed(batch["input_ids"], batch["audio_ids"], batch["audio_embeds"], batch["audio_mask"])[0]
+    slots = batch["audio_mask"][0].nonzero().squeeze(1)
+    s, e = int(slots[0]), int(slots[-1]) + 1  # s1..sN, between media_begin and media_end
+    assert batch["audio_ids"][0, s - 1] == MEDIA_BEGIN and batch["audio_ids"][0, e] == MEDIA_END
+    c = ops.compress(x[s:e], "affinity", threshold=0.95, window=1)
+    assert 1 < c.n_out < e - s  # something merged, not everything
+    pooled = torch.cat([x[:s], c.tokens, x[e:]]).unsqueeze(0)
+    pos = torch.cat([torch.arange(s), s + c.positions, torch.arange(e, x.shape[0])]).unsqueeze(0)
+    with torch.inference_mode():
+        ref = model.text.backbone(inputs_embeds=pooled, position_ids=pos,
+                                  attention_mask=torch.ones_like(pos)).logits
+        from speech_redundancy.engine import compression
+
+        with compression(model.text, [Point(0, "affinity", {"threshold": 0.95, "window": 1})], model.reach) as ses:
+            got = model.text(**batch, logits_to_keep=0).logits
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert ses.records[0].tokens_per_point == (c.n_out,) and ses.records[0].groups[0] == tuple(c.groups.tolist())
+
+
+def test_a_deep_point_shortens_only_the_layers_from_it_on(model):
+    req = _request(2.1, 1)
+    vanilla = model.generate([req], [], NEW)[0]
+    out = model.generate([req], [Point(3, "affinity", {"threshold": 0.9, "window": 3})], NEW)[0]
+    T, n_in, n_out = vanilla.stats["prefill_tokens"], out.tokens_in, out.tokens_out
+    assert n_out < n_in == vanilla.tokens_in == 27
+    assert out.stats["layer_tokens"] == [T, T, T, T - n_in + n_out]
+    assert out.stats["prefill_flops"] == efficiency.prefill_flops(model.shape, [T, T, T, T - n_in + n_out], 1)
+    assert out.stats["prefill_flops"] < vanilla.stats["prefill_flops"]
+    assert out.stats["kv_bytes"] == efficiency.kv_bytes_analytic(model.shape, out.stats["layer_tokens"], 4)
+    # layers below the point see exactly the uncompressed run's hidden states
+    seen = []
+
+    def keep(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    hook = model.text.backbone.model.layers[2].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        model.generate([req], [], 1)
+        model.generate([req], [Point(3, "affinity", {"threshold": 0.9, "window": 3})], 1)
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_cached_decoding_equals_recomputation_under_compression(model):
+    """Decode steps against a compressed cache give the logits of running the whole sequence again each step
+    under the same hooks (no cache)."""
+    from speech_redundancy.engine import compression
+
+    req = _request(1.7)
+    batch = model.inputs([req])
+    got, _ = _greedy_under(model, batch, DAP)
+    fed = got.tokens[0][:-1]
+    n = len(fed)
+    b = kimi.Batch(**batch)
+    for i, step in enumerate(got.logits):
+        k = i  # tokens fed after the prompt before step i
+        text = torch.cat([b.input_ids, torch.tensor([fed[:k]], dtype=torch.long)], dim=1)
+        audio = torch.cat([b.audio_ids, torch.full((1, k), BLANK)], dim=1)
+        mask = torch.cat([b.audio_mask, torch.zeros(1, k, dtype=torch.bool)], dim=1)
+        feats = torch.cat([b.audio_embeds, torch.zeros(1, k, b.audio_embeds.shape[-1])], dim=1)
+        with torch.inference_mode(), compression(model.text, DAP, model.reach):
+            full = model.text(input_ids=text, audio_ids=audio, audio_embeds=feats, audio_mask=mask,
+                              attention_mask=torch.ones_like(text), position_ids=torch.arange(text.shape[1])[None])
+        assert (step[0] - full.logits[0, -1]).abs().max() < 1e-4, i
+    assert n == NEW - 1
+
+
+@pytest.mark.parametrize("points", [
+    DAP,
+    [Point(0, "uniform_merge", {"budget": 1}), Point(2, "random_drop", {"budget": 1})],
+], ids=["dap", "oracle"])
+def test_batched_equals_one_by_one_with_compression(model, points):
+    reqs = [_worded(0.9, 0), _worded(2.4, 1), _worded(31.0, 2)]
+    many, ids_many = _decoded(model, reqs, points, batch_size=3)
+    for i, r in enumerate(reqs):
+        (one,), ids_one = _decoded(model, [r], points)
+        assert ids_one == [ids_many[i]], i
+        got = many[i]
+        assert (got.tokens_in, got.tokens_out, got.tokens_per_point, got.groups) == \
+            (one.tokens_in, one.tokens_out, one.tokens_per_point, one.groups), i
+        for key in ("layer_tokens", "prefill_flops", "kv_bytes", "total_flops", "new_tokens"):
+            assert got.stats[key] == one.stats[key], (i, key)
+    assert [o.tokens_in for o in many] == [glm.codes_for(len(r.audio)) for r in reqs]
+    assert all(o.tokens_out < o.tokens_in for o in many)
+    assert many[0].stats["batch_size"] == 3
+
+
+def test_word_windows_map_at_12_5_tokens_per_second(model):
+    """budget 1 with uniform_merge: one token per word window plus one per gap between windows."""
+    req = _worded(2.4, 1)
+    out = model.generate([req], [Point(0, "uniform_merge", {"budget": 1, "gaps": "keep"})], 2)[0]
+    spans = ops.spans_from_words([w.start for w in req.utt.words], [w.end for w in req.utt.words], 12.5,
+                                 out.tokens_in)
+    inside = int(sum(int(e - s) for s, e in spans.tolist()))
+    assert out.tokens_in == 30 and out.tokens_out == len(spans) + (out.tokens_in - inside)
+
+
+def test_a_layer_beyond_the_last_is_one_line_before_compute(model, folders):
+    from speech_redundancy.runner import RunError, build_points, check_layers_before_load
+
+    calls = []
+    handle = model.text.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError) as err:
+            model.generate([_request(0.5)], [Point(4, "affinity", {"threshold": 0.8, "window": 3})], 2)
+    finally:
+        handle.remove()
+    msg = str(err.value)
+    assert "\n" not in msg and "layer=4 is beyond Kimi-Audio's decoder stack of 4 layers: allowed 0..3" in msg
+    assert calls == []
+    cfg = compose(["model=tiny_kimiaudio", "intervention=affinity", "layer=4"])
+    with pytest.raises(RunError, match=r"layer=4 is out of range for tiny-kimiaudio: allowed 0..3 \(0 = the fused"):
+        check_layers_before_load(cfg, build_points(cfg))
+    real = compose(["model=kimiaudio", "intervention=affinity", "layer=28"])
+    with pytest.raises(RunError, match="allowed 0..27"):
+        check_layers_before_load(real, build_points(real))
+
+
 # ----------------------------------------------------------------------------- configs and a run
 def test_configs_compose():
     real = compose(["model=kimiaudio"]).model
@@ -521,3 +714,85 @@ def test_run_end_to_end_on_the_demo_set(folders, demo_manifest, tmp_path):
     assert summary["n_utterances"] == 3 and summary["n_failed"] == 0 and summary["retention"] == 1.0
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["stats"]["audio_inputs"] == "both" and r["tokens_in"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- the Kimi-Audio presets
+KIMI_PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*_kimi.yaml"))
+
+
+def _hydra(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_kimi_presets_carry_the_papers_kimi_settings():
+    from omegaconf import OmegaConf
+
+    assert KIMI_PRESETS == ["affinity_layers_kimi", "cosine_dynamics_kimi", "group_plots_kimi", "main_results_kimi",
+                            "oracle_layers_kimi", "sensitivity_layer_kimi", "trajectories_kimi"]
+    sweeps = {}
+    for name in KIMI_PRESETS:
+        cfg = _hydra([f"experiment={name}", "++data.root=/data"])
+        assert cfg.model.family == "kimi" and cfg.model.n_layers == 28 and cfg.experiment_name == name
+        params = cfg.hydra.sweeper.params
+        sweeps[name] = OmegaConf.to_container(params) if params else {}
+    assert sweeps["oracle_layers_kimi"] == {"layer": "range(0,26,5)", "operator": "random_drop,uniform_drop,uniform_merge",
+                                            "budget": "1,2,4,8"}
+    assert sweeps["affinity_layers_kimi"] == {"layer": "range(0,26,5)", "threshold": "0.6,0.7,0.8,0.9"}
+    assert sweeps["sensitivity_layer_kimi"] == {"layer": "0,1,2,3,24,25,26,27", "threshold": "0.6,0.7,0.8,0.9"}
+    assert sweeps["group_plots_kimi"] == {"layer": "range(0,26,5)"}
+    assert sweeps["trajectories_kimi"]["layer"] == "range(0,26,5)"
+    assert _hydra(["experiment=trajectories_kimi", "++data.root=/d"]).budget == 1
+    dap = _hydra(["experiment=main_results_kimi", "intervention=dap", "++data.root=/d"]).intervention
+    assert [(p.layer, p.params.threshold, p.params.window) for p in dap.points] == [(0, 0.8, 1), (25, 0.7, 3)]
+    aff = _hydra(["experiment=affinity_layers_kimi", "++data.root=/d"])
+    assert aff.window == 3 and aff.intervention.name == "affinity"
+
+
+@pytest.fixture(scope="module")
+def two_worded(demo_manifest, tmp_path_factory):
+    """The two shortest real demo clips with word timings (the oracle presets need them)."""
+    from speech_redundancy.data.records import read_manifest, write_manifest
+
+    utts = sorted((u for u in read_manifest(demo_manifest) if u.extra.get("kind") == "real" and u.words),
+                  key=lambda u: u.duration)[:2]
+    path = tmp_path_factory.mktemp("kimi-two") / "manifest.jsonl"
+    write_manifest(path, utts)
+    return path
+
+
+# each preset once on the 4-layer tiny model: a deep layer (3) in place of the paper's, DAP for Table 8
+TINY = {"main_results_kimi": ["intervention=dap", "layer_deep=3"], "trajectories_kimi": ["layer=3"],
+        "oracle_layers_kimi": ["layer=3"], "affinity_layers_kimi": ["layer=3"], "group_plots_kimi": ["layer=3"],
+        "sensitivity_layer_kimi": ["layer=3"]}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_kimi_preset_runs_on_the_tiny_kimiaudio(name, folders, two_worded, tmp_path):
+    from speech_redundancy.runner import run
+
+    cfg = _hydra([f"experiment={name}", "model=tiny_kimiaudio", f"model.path={folders[0]}",
+                  f"model.speech_tokenizer={folders[1]}", "data=manifest", f"data.manifest={two_worded}",
+                  "data.sample=null", "data.limit=2", "max_new_tokens=4", *TINY[name]])
+    summary = run(cfg, tmp_path / name)
+    assert summary["n_utterances"] == 2 and summary["n_failed"] == 0, name
+    assert 0 < summary["retention"] < 1.0, name
+    rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+    assert all(r["stats"]["frontend_flops"] > 0 and r["stats"]["audio_inputs"] == "both" for r in rows)
+    if cfg.get("save_groups"):
+        assert all(r["groups"] and r["word_spans"] for r in rows)
+
+
+def test_cosine_dynamics_on_the_tiny_kimiaudio(folders, two_worded, tmp_path):
+    from speech_redundancy import analysis
+
+    out = analysis.main(["experiment=cosine_dynamics_kimi", "model=tiny_kimiaudio", f"model.path={folders[0]}",
+                         f"model.speech_tokenizer={folders[1]}", "data=manifest", f"data.manifest={two_worded}",
+                         "data.sample=null", f"dynamics.out_dir={tmp_path}"])
+    rows = [json.loads(x) for x in (out / "dynamics.jsonl").read_text().splitlines()]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]  # 4 LLM layers + the normed output
+    assert all(r["n_utterances"] == 2 and -1 <= r["global_mean"] <= 1 for r in rows)
+    assert not math.isnan(rows[0]["max_within_words"])

@@ -301,6 +301,26 @@ def context_name(df: pd.DataFrame, context: str, all_contexts: Iterable[str] | N
     return base if len(same) <= 1 else f"{base}_{context[:6]}"
 
 
+def side_by_side(d: pd.DataFrame, keys: tuple[str, ...] = ()) -> list[tuple[tuple, list[tuple[str, str, pd.DataFrame]]]]:
+    """The paper's two-model panels (Qwen2-Audio | Kimi-Audio): per (data, *keys) that has runs of two or more
+    models, one (model, context, runs) per model, its context with the most runs, models by token rate (higher
+    first, the paper's order) then name. Groups with one model are left out."""
+    out: list[tuple[tuple, list[tuple[str, str, pd.DataFrame]]]] = []
+    if d.empty:
+        return out
+    for key, g in d.groupby(["data", *keys], sort=True):
+        if g["model"].nunique() < 2:
+            continue
+        rate = g.groupby("model")["token_rate"].first().fillna(0).astype(float)
+        picks = []
+        for model in sorted(rate.index, key=lambda m: (-rate[m], m)):
+            gm = g[g["model"] == model]
+            ctx = gm["context"].value_counts().idxmax()
+            picks.append((model, ctx, gm[gm["context"] == ctx]))
+        out.append((key if isinstance(key, tuple) else (key,), picks))
+    return out
+
+
 def oracle_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Single-point oracle runs (paper §3): one row per (context, operator, budget, layer)."""
     d = _not_aux(_sel(df, intervention="oracle", n_points=1))

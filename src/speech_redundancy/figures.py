@@ -5,6 +5,8 @@ built (or the dynamics rows of :mod:`speech_redundancy.analysis`) and a path ste
 - :func:`oracle_layers`      Fig. 2: WER and cWER (log) against layer, one line per token ratio, one panel per operator
 - :func:`cosine_dynamics`    Fig. 3: neighbour similarity (k), global mean, max within words against layer
 - :func:`affinity_layers`    Fig. 4: WER, cWER (log) and retention against layer, one line per threshold
+- ``*_models`` twins of these three: the same panels for several models side by side (the paper shows
+  Qwen2-Audio and Kimi-Audio together)
 - :func:`group_strips`       Figs. 5, 9-11: merged groups per layer, word boundaries, tokens after compression
 - :func:`sensitivity_layer`  Figs. 6/8: WER and retention against threshold, one line per layer, early/deep panels
 - :func:`sensitivity_window` Fig. 7: WER and retention against threshold, one line per window, one row per layer
@@ -53,11 +55,14 @@ def _log_safe(ax, values: Sequence[float]) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
 
 
-def oracle_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
-    """Fig. 2. ``d``: oracle runs of one context (columns operator, budget, token_ratio, layer, wer, cwer)."""
+def _operators(d: pd.DataFrame) -> list[str]:
     ops = [o for o in ("random_drop", "uniform_drop", "uniform_merge") if o in set(d["operator"])]
-    ops += sorted(set(d["operator"]) - set(ops))
-    fig, axes = plt.subplots(2, len(ops), figsize=(4.2 * len(ops), 6.4), squeeze=False, sharex=True)
+    return ops + sorted(set(d["operator"]) - set(ops))
+
+
+def _oracle_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "") -> None:
+    """Fig. 2 of one context on ``axes`` [2, operators]: WER (top) and cWER (bottom) against layer."""
+    ops = _operators(d)
     budgets = sorted(d["budget"].unique())
     colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(len(budgets), 1)))
     for j, op in enumerate(ops):
@@ -74,20 +79,41 @@ def oracle_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: d
             _log_safe(ax, list(_pct(g[key])))
             ax.grid(alpha=0.3, which="both")
             if row == 0:
-                ax.set_title(OPERATOR_NAMES.get(op, op))
+                ax.set_title(f"{name}: {OPERATOR_NAMES.get(op, op)}" if name else OPERATOR_NAMES.get(op, op))
             if j == 0:
                 ax.set_ylabel(label + ", log scale")
             if row == 1:
                 ax.set_xlabel("layer l")
-    axes[0][-1].legend(fontsize=8, title="token ratio", title_fontsize=8)
+    axes[0][len(ops) - 1].legend(fontsize=8, title="token ratio", title_fontsize=8)
+
+
+def oracle_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Fig. 2. ``d``: oracle runs of one context (columns operator, budget, token_ratio, layer, wer, cwer)."""
+    n = len(_operators(d))
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 6.4), squeeze=False, sharex=True)
+    _oracle_panel(axes, d, vanilla)
     fig.suptitle(title or "Layer-wise oracle interventions")
     fig.tight_layout()
     return save(fig, stem)
 
 
-def affinity_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
-    """Fig. 4. ``d``: single-point affinity runs of one context, window and features (layer, threshold, ...)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+def oracle_layers_models(panels: Sequence[tuple[str, pd.DataFrame, dict | None]], stem: str | Path,
+                         title: str = "") -> list[Path]:
+    """Fig. 2 as the paper lays it out: one block of operator columns per model, side by side. ``panels``:
+    (model name, its oracle runs of one context, its vanilla run) per model."""
+    widths = [len(_operators(d)) for _, d, _ in panels]
+    fig, axes = plt.subplots(2, sum(widths), figsize=(4.2 * sum(widths), 6.4), squeeze=False)
+    col = 0
+    for (name, d, vanilla), w in zip(panels, widths):
+        _oracle_panel(axes[:, col:col + w], d, vanilla, name)
+        col += w
+    fig.suptitle(title or "Layer-wise oracle interventions")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def _affinity_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "") -> None:
+    """Fig. 4 of one context on three ``axes``: WER, cWER (log) and retention against layer, one line per τ."""
     thresholds = sorted(d["threshold"].unique())
     colors = plt.cm.plasma(np.linspace(0.1, 0.8, max(len(thresholds), 1)))
     for ax, (key, label) in zip(axes, (("wer", "WER (%)"), ("cwer", "cWER (%)"), ("retention", "retention (%)"))):
@@ -103,15 +129,33 @@ def affinity_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla:
         ax.set_xlabel("layer l")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
+        if name:
+            ax.set_title(name)
     axes[-1].legend(fontsize=8)
+
+
+def affinity_layers(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """Fig. 4. ``d``: single-point affinity runs of one context, window and features (layer, threshold, ...)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    _affinity_panel(axes, d, vanilla)
     fig.suptitle(title or "Affinity Pooling, layer by layer")
     fig.tight_layout()
     return save(fig, stem)
 
 
-def cosine_dynamics(rows: pd.DataFrame, stem: str | Path, title: str = "") -> list[Path]:
-    """Fig. 3. ``rows``: one row per layer with ``neighbour_k<k>``, ``global_mean``, ``max_within_words``."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+def affinity_layers_models(panels: Sequence[tuple[str, pd.DataFrame, dict | None]], stem: str | Path,
+                           title: str = "") -> list[Path]:
+    """Fig. 4 with one row of three panels per model. ``panels``: (model name, its affinity runs of one context,
+    window and features, its vanilla run) per model."""
+    fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.8 * len(panels)), squeeze=False)
+    for row, (name, d, vanilla) in zip(axes, panels):
+        _affinity_panel(row, d, vanilla, name)
+    fig.suptitle(title or "Affinity Pooling, layer by layer")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def _dynamics_panel(ax, rows: pd.DataFrame, title: str) -> None:
     ks = sorted(int(c.split("_k")[1]) for c in rows.columns if c.startswith("neighbour_k"))
     colors = plt.cm.Blues(np.linspace(0.9, 0.4, max(len(ks), 1)))
     for c, k in zip(colors, ks):
@@ -123,7 +167,23 @@ def cosine_dynamics(rows: pd.DataFrame, stem: str | Path, title: str = "") -> li
     ax.set_ylabel("cosine similarity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "Layer-wise cosine similarity dynamics")
+    ax.set_title(title)
+
+
+def cosine_dynamics(rows: pd.DataFrame, stem: str | Path, title: str = "") -> list[Path]:
+    """Fig. 3. ``rows``: one row per layer with ``neighbour_k<k>``, ``global_mean``, ``max_within_words``."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    _dynamics_panel(ax, rows, title or "Layer-wise cosine similarity dynamics")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def cosine_dynamics_models(panels: Sequence[tuple[str, pd.DataFrame]], stem: str | Path, title: str = "") -> list[Path]:
+    """Fig. 3 as the paper lays it out: one panel per model, side by side. ``panels``: (model name, rows)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels):
+        _dynamics_panel(ax, rows, name)
+    fig.suptitle(title or "Layer-wise cosine similarity dynamics")
     fig.tight_layout()
     return save(fig, stem)
 

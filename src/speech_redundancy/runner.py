@@ -107,9 +107,9 @@ def _static_depth(model_cfg: DictConfig) -> tuple[int, str] | None:
             return None
         n = int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["encoder_layers"])
         return n, f"0 = encoder input after the conv stem, {n} = encoder output"
-    if family == "qwen2audio" and model_cfg.get("n_layers") is not None:  # the loader checks it against the weights
+    if family in ("qwen2audio", "kimi") and model_cfg.get("n_layers") is not None:  # the loader checks it
         n = int(model_cfg.n_layers)
-        return n - 1, "0 = the spliced input embeddings"
+        return n - 1, "0 = the " + ("fused" if family == "kimi" else "spliced") + " input embeddings"
     return None
 
 

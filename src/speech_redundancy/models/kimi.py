@@ -1,8 +1,15 @@
 """Kimi-Audio-7B-Instruct adapter, natively on stock transformers classes (no ``trust_remote_code``, no
 ``kimia_infer``). What changes: nothing in transformers. :class:`KimiAudioText` computes Kimi-Audio's two-stream
 fused embeddings and calls the stock ``Qwen2Model`` (``backbone.model``) with ``inputs_embeds``; the stock
-``lm_head`` gives the text logits. Compression points are refused in this phase: they arrive with the engine's
-restructure, whose hooks sit on ``KimiAudioText``, ``backbone.model`` and ``backbone.model.layers[i]``.
+``lm_head`` gives the text logits.
+
+Compression: :class:`KimiAudioModel` is the shared decoder-only adapter (``models.lslm``), so points go through the
+same engine (``speech_redundancy.engine``) and per-sample step as Qwen2-Audio. Its :func:`reach`: the engine's
+hooks sit on ``KimiAudioText`` (the top module, called once per prefill and decode step by :func:`greedy`), on
+``backbone.model`` (the stock ``Qwen2Model``: masks, positions) and on each ``backbone.model.layers[i]``; the audio
+span is the audio-slot mask (s1..sN between media_begin and media_end), so l = 0 compresses the fused input
+embedding of the slots and l in 1..27 the input of decoder layer l. Word windows map at 12.5 tokens/s (30 s
+segments are contiguous in the one span); ``model.positions`` and ``model.pool_early_kv`` as for Qwen2-Audio.
 
 Data flow (module by module):
 
@@ -21,7 +28,9 @@ Data flow (module by module):
    generated (:class:`WindowedRepetitionPenalty`; ``model.repetition_penalty=1.0`` turns it off).
 
 Batches (``model.batch_size``) are left-padded with a 2-D padding mask and per-sample positions; each sample's
-tokens equal a one-by-one run's (tested). ``model.audio_inputs=continuous|discrete`` are ablations (see
+tokens, lengths and groups equal a one-by-one run's, with or without compression (tested). Prefill FLOPs: the LLM
+(its head over the last position only) plus the front end (Whisper encoder, speech tokenizer, adaptor:
+``efficiency.kimi_frontend_flops``). ``model.audio_inputs=continuous|discrete`` are ablations (see
 ``kimi_frontend``): the adapter's name and every result row's ``stats`` carry the label.
 """
 
@@ -39,18 +48,18 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
+from speech_redundancy.compress import Point
+from speech_redundancy.engine import Reach
 from speech_redundancy.models import glm4_speech_tokenizer as glm
 from speech_redundancy.models import kimi_checkpoint as ckpt
-from speech_redundancy.compress import Point
 from speech_redundancy.models.base import Output, Request
+from speech_redundancy.models.lslm import LSLMAdapter, task_prompt
 from speech_redundancy.models.kimi_frontend import AUDIO_INPUTS, ContinuousFrontEnd, FrontEnd, segment_tokens
 from speech_redundancy.models.kimi_prompt import Prompt, TextTokenizer, layout, prompt_length
 
 TOKEN_RATE = 12.5
 N_LAYERS = 28
 PROMPT_FAMILY = "kimi_audio"
-NO_COMPRESSION_YET = ("compression on Kimi-Audio lands with the engine restructure (phase 2 of issue 12); run "
-                      "intervention=none")
 
 
 # ----------------------------------------------------------------------------- the text model
@@ -65,6 +74,14 @@ class KimiAudioText(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         self.backbone = backbone  # a stock Qwen2ForCausalLM
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.lm_head.weight.dtype
 
     def embed(self, input_ids: Tensor, audio_ids: Tensor, audio_embeds: Tensor | None = None,
               audio_mask: Tensor | None = None) -> Tensor:
@@ -205,55 +222,72 @@ def greedy(text: KimiAudioText, batch: Batch, *, max_new_tokens: int, eos: int, 
 
 
 # ----------------------------------------------------------------------------- the adapter
-class KimiAudioModel:
-    """Kimi-Audio-7B-Instruct (implements ``models.base.SpeechModel``); compression arrives in phase 2."""
+def reach(text: KimiAudioText) -> Reach:
+    """Where Kimi-Audio keeps what the engine touches: the top module is :class:`KimiAudioText` (called once per
+    prefill and decode step by :func:`greedy`), the stack its stock ``Qwen2Model``; the audio span is the audio-slot
+    mask (s1..sN between media_begin and media_end), so l = 0 is the fused input embedding of those slots."""
+    stack = text.backbone.model
+
+    def find_audio(args: tuple, kwargs: dict) -> Tensor | None:
+        mask = kwargs.get("audio_mask")
+        return mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+    return Reach(top=text, stack=stack, layers=stack.layers, text_config=text.backbone.config,
+                 rotary=stack.rotary_emb, find_audio=find_audio, name="Kimi-Audio")
+
+
+class KimiAudioModel(LSLMAdapter):
+    """Kimi-Audio-7B-Instruct with compression points in its LLM (implements ``models.base.SpeechModel``): the
+    shared decoder-only adapter (``models.lslm``) with Kimi-Audio's front end, two-stream prompts and decoding."""
 
     family = "kimi"
-    token_rate = TOKEN_RATE
+    max_audio_seconds = None  # long audio goes in as consecutive 30 s segments
+    head_positions = 1  # KimiAudioText projects only the last prefill position
 
     def __init__(self, text: KimiAudioText, frontend: FrontEnd, tokenizer: TextTokenizer, config: ckpt.KimiConfig,
-                 *, name: str = "kimi-audio-7b-instruct", batch_size: int = 1, repetition_penalty: float = 1.1,
-                 repetition_window: int = 16, prompt_family: str = PROMPT_FAMILY):
-        self.text = text.eval()
+                 *, name: str = "kimi-audio-7b-instruct", repetition_penalty: float = 1.1,
+                 repetition_window: int = 16, prompt_family: str = PROMPT_FAMILY, **options):
         self.frontend = frontend
-        self.tokenizer = tokenizer
         self.config = config
         self.audio_inputs = frontend.audio_inputs
         self.ablation = self.audio_inputs != "both"
         label = f"-{self.audio_inputs}-ablation"
-        self.name = name if not self.ablation or label in name else name + label
-        self.n_layers = config.n_layers
-        self.batch_size = max(1, int(batch_size))
-        self.prompt_family = prompt_family
+        name = name if not self.ablation or label in name else name + label
+        super().__init__(text, tokenizer, reach(text), name=name, token_rate=TOKEN_RATE,
+                         prompt_family=prompt_family, **options)
         self.logits_processor = processors(repetition_penalty, repetition_window)
         self.repetition_penalty = float(repetition_penalty)
-        self.shape = efficiency.DecoderShape.from_config(text.backbone.config)
         self.frontend_shape = frontend_shape(frontend)
+        self.frontend_seconds = 0.0  # of the last batch (front end and prompts, before the prefill)
+
+    @property
+    def text(self) -> KimiAudioText:
+        return self.model
 
     @property
     def device(self) -> torch.device:
-        return self.text.backbone.lm_head.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text.backbone.lm_head.weight.dtype
+        return self.model.dtype
 
     # ------------------------------------------------------------------ checks (before any compute)
-    def check_points(self, points: list[Point]) -> None:
-        if points:
-            raise ValueError(NO_COMPRESSION_YET)
-
     def instruction(self, req: Request) -> list[int]:
         """The instruction's text ids: ``req.prompt`` or the ``kimi_audio`` task prompt (empty for spoken QA)."""
-        from speech_redundancy.models.lslm import task_prompt
-
         text = req.prompt if req.prompt is not None else task_prompt(self.prompt_family, req)
         return self.tokenizer.encode(text) if text else []
 
-    def check_request(self, req: Request, max_new_tokens: int) -> None:
-        if len(req.audio) == 0:
-            raise ValueError(f"{req.utt.id}: empty audio")
-        n_audio = sum(segment_tokens(len(s)) for s in glm.segments(np.asarray(req.audio)))
+    def audio_tokens(self, req: Request) -> int:
+        return sum(segment_tokens(len(s)) for s in glm.segments(np.asarray(req.audio)))
+
+    def context_length(self) -> int:
+        return self.config.max_positions
+
+    def check_request(self, req: Request, points: list[Point], max_new_tokens: int = 0) -> None:
+        """The shared checks, then the whole prefill plus ``max_new_tokens`` against the context."""
+        super().check_request(req, points)
+        n_audio = self.audio_tokens(req)
         total = prompt_length(len(self.instruction(req)), n_audio) + max_new_tokens
         if total > self.config.max_positions:
             raise ValueError(
@@ -275,44 +309,35 @@ class KimiAudioModel:
         return collate(prompts, embeds, pad_id=self.tokenizer.ids.text_blank, hidden=self.config.hidden,
                        device=self.device, dtype=self.dtype)
 
+    def inputs(self, requests: list[Request]) -> dict[str, Tensor | None]:
+        """The left-padded prefill of a batch as :class:`KimiAudioText`'s keywords (front end included)."""
+        prompts, embeds, timing = self.prompts(requests)
+        self.frontend_seconds = timing["frontend_seconds"]
+        return dict(vars(self.batch(prompts, embeds)))
+
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], points: list[Point], max_new_tokens: int = 256) -> list[Output]:
-        """Greedy decoding of each request (``batch_size`` at a time); ``points`` must be empty in this phase."""
+        """Greedy decoding of each request with ``points`` applied during prefill (``batch_size`` at a time)."""
         self.check_points(points)
         for req in requests:
-            self.check_request(req, max_new_tokens)
+            self.check_request(req, points, max_new_tokens)
         outs: list[Output] = []
         for start in range(0, len(requests), self.batch_size):
-            outs += self._generate_batch(requests[start:start + self.batch_size], max_new_tokens)
+            outs += self.generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)
         return outs
 
-    def _generate_batch(self, requests: list[Request], max_new_tokens: int) -> list[Output]:
-        t0 = time.perf_counter()
-        prompts, embeds, timing = self.prompts(requests)
-        batch = self.batch(prompts, embeds)
+    def decode(self, batch: dict[str, Tensor | None], max_new_tokens: int) -> Tensor:
+        """:func:`greedy` on one batch; the tokens before ``text_eos``, padded with the tokenizer's pad id."""
         ids = self.tokenizer.ids
-        decoded = greedy(self.text, batch, max_new_tokens=max_new_tokens, eos=ids.text_eos, blank=ids.text_blank,
-                         logits_processor=self.logits_processor)
-        seconds = time.perf_counter() - t0
-        bytes_per_value = torch.finfo(self.dtype).bits // 8
-        outs = []
-        for req, prompt, toks in zip(requests, prompts, decoded.tokens):
-            T = len(prompt)
-            llm = efficiency.prefill_flops(self.shape, [T] * self.shape.n_layers, head_positions=1)
-            front = efficiency.kimi_frontend_flops(self.frontend_shape, **self.frontend_work(req.audio))
-            stats = {
-                "seconds": seconds, "batch_size": len(requests), "new_tokens": len(toks),
-                "audio_inputs": self.audio_inputs, "ablation": self.ablation,
-                "repetition_penalty": self.repetition_penalty, "prefill_tokens": T,
-                "ttft_seconds": timing["frontend_seconds"] + decoded.first_token_seconds,
-                "frontend_seconds": timing["frontend_seconds"], "layer_tokens": [T] * self.shape.n_layers,
-                "frr": 1.0, "prefill_flops": llm, **front, "total_flops": llm + front["frontend_flops"],
-                "kv_bytes": efficiency.kv_bytes_analytic(self.shape, [T] * self.shape.n_layers, bytes_per_value),
-            }
-            outs.append(Output(text=self.tokenizer.decode(toks).strip(), tokens_in=prompt.n_audio,
-                               tokens_out=prompt.n_audio, tokens_per_point=[], groups=[], stats=stats))
-        return outs
+        out = greedy(self.model, Batch(**batch), max_new_tokens=max_new_tokens, eos=ids.text_eos,
+                     blank=ids.text_blank, logits_processor=self.logits_processor)
+        width = max(len(t) for t in out.tokens)
+        rows = torch.full((len(out.tokens), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for b, t in enumerate(out.tokens):
+            rows[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        return rows
 
+    # ------------------------------------------------------------------ efficiency
     def frontend_work(self, audio: np.ndarray) -> dict:
         """What the front end runs on one clip: Whisper windows, speech-tokenizer mel frames per segment (padded to
         the longest, as one batch), audio tokens."""
@@ -323,17 +348,34 @@ class KimiAudioModel:
                 "tokenizer_frames": [frames] * len(segs) if self.audio_inputs != "continuous" else [],
                 "tokens": sum(segment_tokens(len(s)) for s in segs)}
 
+    def frontend_parts(self, req: Request) -> dict[str, int]:
+        """FLOPs of the Whisper encoder, the speech tokenizer and the adaptor on this request, and their sum."""
+        return efficiency.kimi_frontend_flops(self.frontend_shape, **self.frontend_work(req.audio))
+
+    def frontend_flops(self, req: Request) -> int:
+        return self.frontend_parts(req)["frontend_flops"]
+
+    def request_stats(self, req: Request, stats: dict) -> dict:
+        """The front end's FLOPs by part and its time (in ``seconds`` and ``ttft_seconds`` too: it runs before
+        the prefill), the ablation label and the repetition penalty."""
+        fe = self.frontend_seconds
+        ttft = stats.get("ttft_seconds")
+        return {**self.frontend_parts(req), "frontend_seconds": fe, "seconds": stats["seconds"] + fe,
+                "ttft_seconds": None if ttft is None else ttft + fe, "prefill_tokens": stats["layer_tokens"][0],
+                "audio_inputs": self.audio_inputs, "ablation": self.ablation,
+                "repetition_penalty": self.repetition_penalty}
+
     # ------------------------------------------------------------------ Fig. 3
     @torch.inference_mode()
     def hidden_states(self, req: Request) -> list[Tensor]:
         """The audio span entering each LLM layer 0..L-1 (0: the fused embeddings) and the final normed output,
         uncompressed; float32 on CPU."""
-        self.check_request(req, 0)
+        self.check_request(req, [])
         prompts, embeds, _ = self.prompts([req])
         b = self.batch(prompts, embeds)
-        x = self.text.embed(b.input_ids, b.audio_ids, b.audio_embeds, b.audio_mask)
-        out = self.text.backbone.model(inputs_embeds=x, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                                       use_cache=False, output_hidden_states=True)
+        x = self.model.embed(b.input_ids, b.audio_ids, b.audio_embeds, b.audio_mask)
+        out = self.model.backbone.model(inputs_embeds=x, attention_mask=b.attention_mask,
+                                        position_ids=b.position_ids, use_cache=False, output_hidden_states=True)
         return [h[0, b.audio_mask[0]].float().cpu() for h in out.hidden_states]
 
 
@@ -385,8 +427,6 @@ def load(cfg) -> KimiAudioModel:
     from speech_redundancy.models import lslm
 
     get = cfg.get
-    if get("num_threads"):
-        torch.set_num_threads(int(get("num_threads")))
     audio_inputs = str(get("audio_inputs", "both"))
     if audio_inputs not in AUDIO_INPUTS:
         raise ValueError(f"model.audio_inputs={audio_inputs!r}; allowed: {', '.join(AUDIO_INPUTS)} "
@@ -418,7 +458,6 @@ def load(cfg) -> KimiAudioModel:
                         text_blank=ids.text_blank, audio_inputs=audio_inputs)
     return KimiAudioModel(
         KimiAudioText(backbone), frontend, tokenizer, config, name=get("name", "kimi-audio-7b-instruct"),
-        batch_size=int(get("batch_size", 1)), repetition_penalty=float(get("repetition_penalty", 1.1)),
-        repetition_window=int(get("repetition_window", 16)),
-        prompt_family=get("prompt_family") or PROMPT_FAMILY,
+        repetition_penalty=float(get("repetition_penalty", 1.1)), repetition_window=int(get("repetition_window", 16)),
+        prompt_family=get("prompt_family") or PROMPT_FAMILY, **lslm.options(cfg),
     )

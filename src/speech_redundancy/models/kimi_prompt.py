@@ -78,12 +78,19 @@ class TextTokenizer:
                                           special_tokens=specials)
         self.ids = SpecialIds(**{f: specials[n] for f, n in SPECIAL_NAMES.items()})
 
+    pad_token_id = -1  # fills decoded rows after text_eos (no token has it; decode drops it)
+
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of the base tokens among ``ids`` (special and audio ids dropped)."""
         return self.encoding.decode([i for i in ids if 0 <= i < self.n_base])
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        """:meth:`decode` per row (a [B, n] tensor or lists), as transformers tokenizers name it; special ids are
+        always dropped."""
+        return [self.decode([int(i) for i in row]) for row in rows]
 
 
 @dataclass

@@ -27,11 +27,12 @@ class LSLMAdapter:
 
     A subclass defines :meth:`inputs` (a batch of requests -> model inputs) and :meth:`audio_tokens` (audio tokens
     of one request, for the checks); it may override :meth:`decode` (default: the model's own ``generate``),
-    :meth:`frontend_flops` and :meth:`check_request`.
+    :meth:`frontend_flops`, :meth:`request_stats` and :meth:`check_request`.
     """
 
     family = "lslm"
     max_audio_seconds: float | None = 30.0  # None: no limit of its own (long audio is windowed by the adapter)
+    head_positions: int | None = None  # prefill positions the LM head projects (None: all, as stock generate does)
 
     def __init__(self, model, processor, reach: Reach, *, name: str, token_rate: float, positions: str = "first",
                  pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default"):
@@ -60,6 +61,10 @@ class LSLMAdapter:
     def frontend_flops(self, req: Request) -> int:
         """FLOPs of the audio encoder (and anything else before the LLM) for this request."""
         return 0
+
+    def request_stats(self, req: Request, stats: dict[str, Any]) -> dict[str, Any]:
+        """Family-specific numbers of one request's row, given the shared ones (``stats``); merged last."""
+        return {}
 
     def context_length(self) -> int | None:
         return getattr(self.reach.text_config, "max_position_embeddings", None)
@@ -134,7 +139,8 @@ class LSLMAdapter:
         bytes_per_value = torch.finfo(self.model.dtype).bits // 8
         outs = []
         for b, (req, rec) in enumerate(zip(requests, session.records)):
-            stats = efficiency.utterance_stats(rec, self.shape, bytes_per_value=bytes_per_value)
+            stats = efficiency.utterance_stats(rec, self.shape, bytes_per_value=bytes_per_value,
+                                               head_positions=self.head_positions)
             frontend = self.frontend_flops(req)
             stats.update(
                 encoder_flops=frontend, total_flops=stats["prefill_flops"] + frontend,
@@ -143,6 +149,7 @@ class LSLMAdapter:
                 kv_cache_bytes_batch=session.kv_bytes,
                 new_tokens=int((new[b] != pad).sum()) if pad is not None else int(new.shape[1]),
             )
+            stats.update(self.request_stats(req, stats))
             outs.append(Output.from_record(texts[b].strip(), rec, stats))
         return outs
 
