@@ -365,7 +365,7 @@ class Session:
             aidx = st.audio[b].nonzero().squeeze(1)
             tidx = (~st.audio[b] & real).nonzero().squeeze(1)
             before = st.spans[b].record.seconds
-            out, st.spans[b] = compress_step(hidden[b, aidx], point, st.spans[b], features=features,
+            out, st.spans[b] = compress_step(_rows(hidden[b], aidx), point, st.spans[b], features=features,
                                              scores=None if scores is None else scores[b, aidx])
             step_seconds.append(st.spans[b].record.seconds - before)
             plans.append(_Plan(tidx, aidx, out.groups.to(device), out.positions.to(device)))
@@ -570,6 +570,9 @@ class _Plan:
     def __post_init__(self):
         # each output token sits where its first member sat; text tokens keep their places
         self.order = torch.argsort(torch.cat([self.tidx, self.aidx[self.first]]))
+        slot = torch.empty_like(self.order)
+        slot[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        self.text_at, self.audio_at = slot[: self.tidx.numel()], slot[self.tidx.numel():]  # places in the new sequence
 
     @property
     def n_out(self) -> int:
@@ -587,12 +590,25 @@ class _Plan:
 
 def _assemble(t: Tensor, plans: list[_Plan], L: int, *, dim: int, audio_rows: list[Tensor]) -> Tensor:
     """Per sample: its text rows of ``t`` and its new audio rows, in sequence order, left-padded to ``L`` along
-    ``dim`` (``dim`` counts the batch axis: 1 for hidden states [B, T, d], 2 for keys [B, H, T, hd])."""
+    ``dim`` (``dim`` counts the batch axis: 1 for hidden states [B, T, d], 2 for keys [B, H, T, hd]). Each row is
+    written once, straight to its place (the audio rows are the bulk: one copy)."""
     shape = list(t.shape)
     shape[dim] = L
-    out = t.new_zeros(shape)
+    out = t.new_empty(shape)
     d = dim - 1  # the sequence axis of one sample
     for b, p in enumerate(plans):
-        rows = torch.cat([t[b].index_select(d, p.tidx), audio_rows[b].to(t.dtype)], dim=d).index_select(d, p.order)
-        out[b].narrow(d, L - p.length, p.length).copy_(rows)
+        pad = L - p.length
+        if pad:
+            out[b].narrow(d, 0, pad).zero_()
+        seq = out[b].narrow(d, pad, p.length)
+        seq.index_copy_(d, p.text_at, t[b].index_select(d, p.tidx))
+        seq.index_copy_(d, p.audio_at, audio_rows[b].to(t.dtype))
     return out
+
+
+def _rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` along the first axis; a view, not a copy, when ``idx`` is one contiguous run (a single audio span)."""
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) + 1 == n:
+        return t.narrow(0, int(idx[0]), n)
+    return t.index_select(0, idx)
