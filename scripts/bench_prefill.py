@@ -23,7 +23,8 @@ l_deep alone (AP_deep) and 14.91% after both (DAP: 78.64% at l = 0, then 14.91/7
 layers; with N layers it sits at the same fraction, round(29 N / 32), at most N - 1. t_AP is therefore the cost of
 that operator plus the engine's re-assembly, not of Algorithm 1's similarity band.
 
-Per method and bucket (median over ``--repeats`` after ``--warmup``, then the mean over the bucket's clips):
+Per method and bucket (median over ``--repeats`` after ``--warmup``, the methods taking turns within each repeat,
+then the mean over the bucket's clips):
 ``ttft_s`` = ``generate(max_new_tokens=1)`` (CUDA events on a GPU, wall clock on the CPU); Vanilla is the stock
 model with no hooks at all. ``speedup`` = Vanilla's TTFT / the method's; ``flops_ideal_speedup`` = Vanilla's prefill
 FLOPs / the method's (audio encoder + LLM + LM head, as ``efficiency`` counts them; ``_llm`` without the encoder);
@@ -108,17 +109,23 @@ def config_7b(llm_layers: int = 32, encoder_layers: int = 32, tie_embeddings: bo
 
 
 def build_7b(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Random weights for ``config``, created directly on ``device`` in ``dtype``."""
+    """Random weights for ``config`` in ``dtype`` on ``device``: the modules are laid out on the meta device, given
+    storage on ``device`` (the LM head shared with the input embeddings when ``config.tie_word_embeddings``) and
+    initialised there by transformers' own ``initialize_weights`` (normal(0, 0.02), norms at 1, RoPE buffers)."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta"):
             model = Qwen2AudioForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # before any write: the untied head's pages are never touched
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    torch.manual_seed(seed)
+    model.initialize_weights()
     return model.eval()
 
 
@@ -185,9 +192,10 @@ def _mean(values) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def run(args) -> list[dict]:
+def run(args, built=None) -> list[dict]:
+    """The rows of the table; ``built`` = ``build(args, device)``'s result when the caller has the model already."""
     device = lslm.device(args.device)
-    model, audio_id, bos, eos = build(args, device)
+    model, audio_id, bos, eos = built if built is not None else build(args, device)
     reach = qwen2audio.reach(model)
     shape = efficiency.DecoderShape.from_config(reach.text_config)
     enc = efficiency.WhisperEncoderShape.from_qwen2audio(model.config)
@@ -200,10 +208,17 @@ def run(args) -> list[dict]:
         for k, seconds in enumerate(durations):
             batch, windows, n_audio = clip_inputs(seconds, audio_id, bos, eos, shape.vocab, device, dtype, seed=k)
             length = int(batch["input_ids"].shape[1])
-            for name, points in todo.items():
-                for _ in range(args.warmup):
-                    measure(model, reach, batch, points, device)
-                runs = [measure(model, reach, batch, points, device) for _ in range(args.repeats)]
+            # methods take turns within each repeat, so a change of load on the machine reaches them all alike
+            measured: dict[str, list[dict]] = {name: [] for name in todo}
+            for rep in range(args.warmup + args.repeats):
+                for name, points in todo.items():
+                    got = measure(model, reach, batch, points, device)
+                    if device.type == "cpu" and not args.tiny:  # minutes per clip: say what is going on
+                        what = "warm-up" if rep < args.warmup else f"repeat {rep - args.warmup + 1}"
+                        print(f"    {seconds:5.1f} s clip  {name:<8} {what}: {got['ttft_s']:.2f} s", flush=True)
+                    if rep >= args.warmup:
+                        measured[name].append(got)
+            for name, runs in measured.items():
                 rec = runs[0]["record"]
                 layer_tokens = list(rec.layer_tokens) if rec is not None else [length] * shape.n_layers
                 llm = efficiency.prefill_flops(shape, layer_tokens)
@@ -322,12 +337,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-bucket", type=int, default=5, help="clip durations per bucket (evenly spread)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", type=Path, default=None, help="folder for bench_prefill.json / .csv")
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = lslm.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_prefill: --device cuda asked for, but torch sees no CUDA device")
