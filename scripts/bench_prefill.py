@@ -30,7 +30,8 @@ model with no hooks at all. ``speedup`` = Vanilla's TTFT / the method's; ``flops
 FLOPs / the method's (audio encoder + LLM + LM head, as ``efficiency`` counts them; ``_llm`` without the encoder);
 ``efficiency`` = speedup / flops_ideal_speedup; ``t_ap_s`` = the engine's own time for the points (compression plus
 re-assembly, positions, RoPE and masks: ``Session.point_seconds``) and ``engine_s`` all the time in its hooks;
-``prefill_s`` the top forward alone (the engine's ``ttft_seconds``). On a GPU also the peak memory ``peak_gb``, its
+``prefill_s`` the top forward alone (the engine's ``ttft_seconds``); with ``--breakdown`` each clip's ``parts_s``
+(audio tower, each decoder layer, LM head, the points, and the rest of the call) of its median run. On a GPU also the peak memory ``peak_gb``, its
 increment over what was allocated before the call (weights + inputs) ``increment_gb`` and the saving ratio
 dm_vanilla / dm. ``clips`` holds each clip's shapes (windows, audio tokens before and after each point, the tokens
 entering each layer) and raw TTFTs.
@@ -39,6 +40,7 @@ entering each layer) and raw TTFTs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -159,17 +161,52 @@ def clip_inputs(seconds: float, audio_id: int, bos: int, eos: int, vocab: int, d
     }, windows, n_audio
 
 
-def measure(model, reach, batch, points, device) -> dict:
-    """One TTFT measurement. Vanilla (no points) runs the stock model without any hook."""
+class Parts:
+    """Wall seconds of the audio tower, each decoder layer and the LM head within one call (forward pre- and
+    post-hooks, synchronised on a GPU). Installed after the engine's hooks, so a layer's time leaves out its point."""
+
+    def __init__(self, model, reach, device):
+        self.modules = {"encoder": model.model.audio_tower, "head": model.lm_head,
+                        **{f"layer{i}": layer for i, layer in enumerate(reach.layers)}}
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(self.modules, 0.0)
+        self._handles, self._t0 = [], {}
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __enter__(self) -> "Parts":
+        for name, m in self.modules.items():
+            self._handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._t0.__setitem__(n, self._now())))
+            self._handles.append(m.register_forward_hook(
+                lambda *_, n=name: self.seconds.__setitem__(n, self.seconds[n] + self._now() - self._t0[n])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def summary(self, ttft: float, points: float) -> dict:
+        layers = [self.seconds[f"layer{i}"] for i in range(len(self.modules) - 2)]
+        return {"encoder": self.seconds["encoder"], "layers": layers, "head": self.seconds["head"],
+                "points": points, "rest": ttft - self.seconds["encoder"] - sum(layers) - self.seconds["head"] - points}
+
+
+def measure(model, reach, batch, points, device, breakdown: bool = False) -> dict:
+    """One TTFT measurement. Vanilla (no points) runs the stock model without any hook (but ``breakdown``'s)."""
     gen = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
     probe = efficiency.memory_probe(device)
     watch = efficiency.Stopwatch(device).start()
+    parts = Parts(model, reach, device) if breakdown else None
     with torch.inference_mode():
         if not points:
-            model.generate(**batch, **gen)
+            with parts or contextlib.nullcontext():
+                model.generate(**batch, **gen)
             session = None
         else:
-            with compression(model, points, reach) as session:
+            with compression(model, points, reach) as session, parts or contextlib.nullcontext():
                 model.generate(**batch, **gen)
     seconds = watch.stop()
     peak, inc = probe.stop()
@@ -179,6 +216,7 @@ def measure(model, reach, batch, points, device) -> dict:
         out.update(record=session.records[0], t_ap_s=sum(session.point_seconds.values()),
                    t_ap_points_s={str(k): v for k, v in session.point_seconds.items()},
                    engine_s=session.engine_seconds, prefill_s=session.ttft_seconds)
+    out["parts_s"] = parts.summary(seconds, out["t_ap_s"] or 0.0) if parts else None
     return out
 
 
@@ -212,7 +250,7 @@ def run(args, built=None) -> list[dict]:
             measured: dict[str, list[dict]] = {name: [] for name in todo}
             for rep in range(args.warmup + args.repeats):
                 for name, points in todo.items():
-                    got = measure(model, reach, batch, points, device)
+                    got = measure(model, reach, batch, points, device, breakdown=args.breakdown)
                     if device.type == "cpu" and not args.tiny:  # minutes per clip: say what is going on
                         what = "warm-up" if rep < args.warmup else f"repeat {rep - args.warmup + 1}"
                         print(f"    {seconds:5.1f} s clip  {name:<8} {what}: {got['ttft_s']:.2f} s", flush=True)
@@ -222,15 +260,18 @@ def run(args, built=None) -> list[dict]:
                 rec = runs[0]["record"]
                 layer_tokens = list(rec.layer_tokens) if rec is not None else [length] * shape.n_layers
                 llm = efficiency.prefill_flops(shape, layer_tokens)
+                layers = sum(efficiency.layer_flops(shape, t) for t in layer_tokens)
                 clips[name].append({
                     "seconds": seconds, "windows": windows, "sequence": length, "audio_tokens": n_audio,
                     "audio_tokens_per_point": list(rec.tokens_per_point) if rec is not None else [],
                     "retention": rec.retention if rec is not None else 1.0, "layer_tokens": layer_tokens,
-                    "llm_flops": llm, "encoder_flops": efficiency.audio_encoder_flops(enc, windows),
+                    "llm_flops": llm, "layer_flops": layers, "head_flops": llm - layers,
+                    "encoder_flops": efficiency.audio_encoder_flops(enc, windows),
                     "ttft_s": _median(runs, "ttft_s"), "ttft_runs_s": [r["ttft_s"] for r in runs],
                     "prefill_s": _median(runs, "prefill_s"), "t_ap_s": _median(runs, "t_ap_s"),
                     "engine_s": _median(runs, "engine_s"),
                     "t_ap_points_s": runs[len(runs) // 2]["t_ap_points_s"],
+                    "parts_s": sorted(runs, key=lambda r: r["ttft_s"])[len(runs) // 2]["parts_s"],  # the median run's
                     "peak": runs[-1]["peak"], "inc": runs[-1]["inc"],
                 })
                 print(f"  {lo}-{hi} s  {seconds:5.1f} s  {name:<8} TTFT {clips[name][-1]['ttft_s']:.3f} s", flush=True)
@@ -265,6 +306,12 @@ def bucket_rows(bucket: str, clips: dict[str, list[dict]]) -> list[dict]:
         }
         row["efficiency"] = row["speedup"] / row["flops_ideal_speedup"]
         row["saving"] = base_inc / _mean(c["inc"] for c in cs) if base_inc else None
+        parts = [c["parts_s"] for c in cs if c.get("parts_s")]
+        if parts:
+            row["parts_s"] = {k: statistics.mean(p[k] for p in parts) for k in ("encoder", "head", "points", "rest")}
+            row["parts_s"]["layers"] = [statistics.mean(p["layers"][j] for p in parts)
+                                        for j in range(len(parts[0]["layers"]))]
+            row["part_flops"] = {k: statistics.mean(c[f"{k}_flops"] for c in cs) for k in ("encoder", "layer", "head")}
         row["clips"] = [{k: v for k, v in c.items() if k not in ("peak", "inc")} for c in cs]
         rows.append(row)
     return rows
@@ -301,6 +348,27 @@ def format_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def format_parts(rows: list[dict]) -> str:
+    """Where each method's time goes (``--breakdown``): seconds per part, and per part Vanilla's time / the method's
+    beside Vanilla's FLOPs / the method's."""
+    lines = [f"{'bucket':<9} {'method':<8} {'encoder':>8} {'layers':>8} {'head':>7} {'points':>7} {'rest':>6}   "
+             f"{'layers: spd / FLOPs':>20} {'head: spd / FLOPs':>18}"]
+    base = {}
+    for r in rows:
+        p, f = r.get("parts_s"), r.get("part_flops")
+        if not p:
+            continue
+        if r["method"] == "Vanilla":
+            base[r["bucket"]] = (p, f)
+        bp, bf = base.get(r["bucket"], (p, f))
+        lines.append(
+            f"{r['bucket']:<9} {r['method']:<8} {p['encoder']:>8.2f} {sum(p['layers']):>8.2f} {p['head']:>7.2f} "
+            f"{p['points']:>7.3f} {p['rest']:>6.2f}   "
+            f"{sum(bp['layers']) / sum(p['layers']):>9.2f}x / {bf['layer'] / f['layer']:.2f}x "
+            f"{bp['head'] / p['head']:>8.2f}x / {bf['head'] / f['head']:.2f}x")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def describe(args, device: torch.device) -> dict:
     """Where and how the benchmark ran (written into the JSON)."""
     import transformers
@@ -320,7 +388,7 @@ def describe(args, device: torch.device) -> dict:
         "transformers": transformers.__version__, "tiny": args.tiny,
         "llm_layers": n_layers, "encoder_layers": 2 if args.tiny else args.encoder_layers,
         "deep_layer": deep_layer(n_layers), "tie_embeddings": args.tie_embeddings,
-        "repeats": args.repeats, "warmup": args.warmup, "per_bucket": args.per_bucket,
+        "repeats": args.repeats, "warmup": args.warmup, "per_bucket": args.per_bucket, "breakdown": args.breakdown,
         "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -338,6 +406,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the audio tower, each decoder layer and the LM head (hooks; syncs on a GPU)")
     p.add_argument("--out", type=Path, default=None, help="folder for bench_prefill.json / .csv")
     return p
 
@@ -358,6 +428,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Qwen2-Audio-7B widths, {meta['llm_layers']} LLM + {meta['encoder_layers']} encoder layers, l_deep = {meta['deep_layer']}"
     print(format_table(rows, f"prefill efficiency on {meta['device']} ({what}; random weights; retention forced "
                              "to paper Table 1)"))
+    if args.breakdown:
+        print("seconds per part (median run); per part Vanilla's time / the method's beside Vanilla's FLOPs / the method's")
+        print(format_parts(rows))
     if args.out is not None:
         write(args.out, meta, rows)
     return rows

@@ -121,7 +121,7 @@ def test_bench_prefill_tiny_end_to_end(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--tiny", "--buckets", "0-20,40-60", "--per-bucket", "1", "--repeats", "1", "--warmup", "0",
-                       "--out", str(tmp_path)])
+                       "--breakdown", "--out", str(tmp_path)])
     assert len(rows) == 8
     with (tmp_path / "bench_prefill.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -141,6 +141,11 @@ def test_bench_prefill_tiny_end_to_end(tmp_path):
         assert sorted(dap["t_ap_points_s"]) == ["0", "3"] and len(dap["audio_tokens_per_point"]) == 2
         # layer 0 already gets the l = 0 point's tokens, layer 3 = l_deep those of both
         assert dap["sequence"] > dap["layer_tokens"][0] == dap["layer_tokens"][2] > dap["layer_tokens"][3]
+    for r in rows:  # --breakdown: the parts lie inside the call; the points are no layer's time
+        p = r["parts_s"]
+        assert len(p["layers"]) == 4 and min(p["layers"]) > 0 and p["encoder"] > 0 and p["head"] > 0 and p["rest"] > 0
+        assert p["points"] == (r["t_ap_s"] or 0.0)
+        assert p["encoder"] + sum(p["layers"]) + p["head"] + p["points"] + p["rest"] == pytest.approx(r["ttft_s"])
     # a 50 s clip is fed as two 30 s windows whose tokens fill one placeholder run (25 tokens/s)
     assert by["40-60 s", "Vanilla"]["audio_tokens"] == 1250 and by["0-20 s", "Vanilla"]["audio_tokens"] == 250
     assert by["40-60 s", "Vanilla"]["clips"][0]["windows"] == 2
