@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,11 @@ def test_wheels_are_unpacked_first_on_sys_path(check, tmp_path, monkeypatch):
     with zipfile.ZipFile(folder / "srprobe2-1.0-cp27-cp27m-manylinux1_x86_64.whl", "w") as z:
         z.writestr("srprobe2/__init__.py", "")
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the unpacked folder goes under tmp_path
     got = check.use_wheels(folder)
     assert got["wheels"] == ["srprobe-1.0-py3-none-any.whl"] and got["skipped"] == [
         "srprobe2-1.0-cp27-cp27m-manylinux1_x86_64.whl"]
-    assert sys.path[0] == got["site"]
+    assert sys.path[0] == got["site"] and got["site"].startswith(str(tmp_path))
     import importlib.metadata
 
     assert importlib.import_module("srprobe").VALUE == 41 and importlib.metadata.version("srprobe") == "1.0"
