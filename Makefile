@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data run test figures paper-demo bench bench-prefill clean-outputs
+.PHONY: setup data run test figures paper-demo bench bench-prefill bench-prefill-cpu device-wheels device-check clean-outputs
 
 # pip is upgraded first: the one a new venv bundles (23.2 with Python 3.11) spends ~20 s more CPU on this install.
 # pip would byte-compile the ~13,000 installed files one by one; compileall does it afterwards on every core
@@ -44,6 +44,18 @@ bench: setup  ## operator timings against the literal Algorithm 1 loop
 
 bench-prefill: setup  ## Qwen2-Audio-7B architecture, random weights, TTFT and memory by duration bucket (needs a GPU)
 	$(BIN)/python scripts/bench_prefill.py --out outputs/bench_prefill
+
+bench-prefill-cpu: setup  ## the same at 7B widths with 4 LLM + 4 encoder layers on the CPU (~7.5 GB RAM, ~15 min on 2 loaded cores)
+	nice $(BIN)/python scripts/bench_prefill.py --device cpu --llm-layers 4 --encoder-layers 4 --tie-embeddings \
+	    --buckets 40-60 --per-bucket 1 --repeats 3 --warmup 1 --threads 1 --breakdown --out outputs/bench_prefill_cpu
+
+device-wheels: setup  ## the pinned transformers and what it imports as CPython 3.12 wheels in .whl/ (for device-check)
+	PYTHON=$(BIN)/python scripts/device_wheels.sh
+
+# On the GPU machine (Python + PyTorch, no .venv, no registry): python3 with the wheels carried in .whl/.
+DEVICE_PYTHON ?= python3
+device-check:  ## one GPU, < 8 min: correctness, prefill benchmark, CUDA operator timings (see docs/benchmarks.md)
+	$(DEVICE_PYTHON) scripts/device_check.py --out $(or $(OUT),outputs/device_check)
 
 clean-outputs:
 	rm -rf outputs

@@ -121,20 +121,39 @@ def test_bench_prefill_tiny_end_to_end(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--tiny", "--buckets", "0-20,40-60", "--per-bucket", "1", "--repeats", "1", "--warmup", "0",
-                       "--out", str(tmp_path)])
+                       "--breakdown", "--out", str(tmp_path)])
     assert len(rows) == 8
     with (tmp_path / "bench_prefill.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table[:4]] == ["Vanilla", "AP_in", "AP_deep", "DAP"]
     saved = json.loads((tmp_path / "bench_prefill.json").read_text())
-    assert saved["meta"]["tiny"] is True and len(saved["rows"]) == 8
+    assert saved["meta"]["tiny"] is True and len(saved["rows"]) == 8 and saved["meta"]["deep_layer"] == 3
     by = {(r["bucket"], r["method"]): r for r in rows}
     for bucket in ("0-20 s", "40-60 s"):
-        assert by[bucket, "Vanilla"]["ideal_speedup"] == 1.0 and by[bucket, "Vanilla"]["frr"] == 1.0
-        assert abs(by[bucket, "AP_in"]["frr"] - 0.7864) < 0.01
-        assert abs(by[bucket, "AP_deep"]["frr"] - 0.1430) < 0.01
-        assert abs(by[bucket, "DAP"]["frr"] - 0.1491) < 0.01
-        assert by[bucket, "DAP"]["ideal_speedup"] > by[bucket, "AP_in"]["ideal_speedup"] > 1.0
-        assert by[bucket, "DAP"]["t_ap_ms"] > 0 and by[bucket, "Vanilla"]["t_ap_ms"] is None
+        assert by[bucket, "Vanilla"]["flops_ideal_speedup"] == 1.0 and by[bucket, "Vanilla"]["retention"] == 1.0
+        assert abs(by[bucket, "AP_in"]["retention"] - 0.7864) < 0.01
+        assert abs(by[bucket, "AP_deep"]["retention"] - 0.1430) < 0.01
+        assert abs(by[bucket, "DAP"]["retention"] - 0.1491) < 0.01
+        assert by[bucket, "DAP"]["flops_ideal_speedup"] > by[bucket, "AP_in"]["flops_ideal_speedup"] > 1.0
+        assert by[bucket, "DAP"]["t_ap_s"] > 0 and by[bucket, "Vanilla"]["t_ap_s"] is None
+        assert 0 < by[bucket, "DAP"]["t_ap_fraction"] < 1
+        dap = by[bucket, "DAP"]["clips"][0]
+        assert sorted(dap["t_ap_points_s"]) == ["0", "3"] and len(dap["audio_tokens_per_point"]) == 2
+        # layer 0 already gets the l = 0 point's tokens, layer 3 = l_deep those of both
+        assert dap["sequence"] > dap["layer_tokens"][0] == dap["layer_tokens"][2] > dap["layer_tokens"][3]
+    for r in rows:  # --breakdown: the parts lie inside the call; the points are no layer's time
+        p = r["parts_s"]
+        assert len(p["layers"]) == 4 and min(p["layers"]) > 0 and p["encoder"] > 0 and p["head"] > 0 and p["rest"] > 0
+        assert p["points"] == (r["t_ap_s"] or 0.0)
+        assert p["encoder"] + sum(p["layers"]) + p["head"] + p["points"] + p["rest"] == pytest.approx(r["ttft_s"])
     # a 50 s clip is fed as two 30 s windows whose tokens fill one placeholder run (25 tokens/s)
     assert by["40-60 s", "Vanilla"]["audio_tokens"] == 1250 and by["0-20 s", "Vanilla"]["audio_tokens"] == 250
+    assert by["40-60 s", "Vanilla"]["clips"][0]["windows"] == 2
+
+
+def test_bench_prefill_deep_point_keeps_the_paper_fraction():
+    spec = importlib.util.spec_from_file_location("bench_prefill_deep", ROOT / "scripts" / "bench_prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 29 of 32; with fewer layers round(29 N / 32), never beyond the last layer
+    assert [bench.deep_layer(n) for n in (32, 16, 8, 4, 2)] == [29, 14, 7, 3, 1]

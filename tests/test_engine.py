@@ -257,6 +257,18 @@ def test_adapter_batch_equals_single_with_oracle_and_random_ops(tiny, requests_)
         assert a.text == b.text and a.groups == b.groups and a.tokens_per_point == b.tokens_per_point
 
 
+def test_engine_timing_covers_each_point_and_the_records(tiny, batches):
+    """point_seconds: one entry per point of the last prefill, whose sum the samples' records share out exactly;
+    engine_seconds holds them and lies inside the prefill's time to first token."""
+    _, _, session = _generate(tiny["sdpa"].model, batches["two"], DAP)
+    assert sorted(session.point_seconds) == [0, 2] and min(session.point_seconds.values()) > 0
+    total = sum(session.point_seconds.values())
+    assert math.isclose(sum(r.seconds for r in session.records), total, rel_tol=1e-9)
+    assert total <= session.engine_seconds <= session.ttft_seconds
+    _, _, observed = _generate(tiny["sdpa"].model, batches["two"], [])
+    assert observed.point_seconds == {} and 0 < observed.engine_seconds <= observed.ttft_seconds
+
+
 # ----------------------------------------------------------------------------- the adapter's outputs
 def test_adapter_outputs(tiny, requests_):
     adapter = tiny["sdpa"]
@@ -269,6 +281,7 @@ def test_adapter_outputs(tiny, requests_):
         st = out.stats
         assert "frr" not in st and "retention" not in st  # retention is the row's one field (tokens_out / tokens_in)
         assert st["compress_seconds"] > 0 and st["ttft_seconds"] > 0
+        assert st["compress_seconds"] < st["engine_seconds"] < st["ttft_seconds"]  # one sample's share < the batch's
         assert st["peak_memory_bytes"] is None  # CPU
         assert len(st["layer_tokens"]) == adapter.n_layers and st["prefill_flops"] > 0
         assert isinstance(out.text, str)

@@ -3,7 +3,8 @@
 A file that is missing, a directory, empty, unreadable, or shorter than its own header says (a WAV cut off while
 it was copied: libsndfile reads the frames that are there and notes ``data : N (should be M)`` in its log) raises
 :class:`AudioError` naming the file and the reason, at load time (:func:`check_header`, from the header alone) and
-when decoded (:func:`load_audio`).
+when decoded (:func:`load_audio`). soundfile and soxr are imported when a file is read, so that the model code,
+which only needs :data:`SAMPLE_RATE`, imports without them (the GPU check, ``scripts/device_check.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
 
 SAMPLE_RATE = 16_000
 _DATA_SIZE = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
@@ -43,6 +42,9 @@ def check_header(path: Path, extra_info: str) -> None:
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read ``path`` as mono float32 at ``sample_rate`` (channels averaged, resampled with soxr)."""
+    import soundfile as sf
+    import soxr
+
     path = Path(path)
     check_path(path)
     try:

@@ -41,6 +41,11 @@ tokens and left-padded again to the longest compressed sample; layers see exactl
 masked padding. A sample's audio slots need not be contiguous (several clips, 30 s windows separated by text): all
 of them form the one sequence the operator sees, and each output token takes its first member's place.
 
+Timing (last prefill, whole batch): ``session.point_seconds[l]`` is the wall time of the point at layer l, from its
+input hidden states to the re-assembled batch with its positions, RoPE and masks (the paper's t_AP; synchronised
+on a GPU), and ``session.engine_seconds`` the time spent in all of the engine's prefill hooks, points included (host
+time: elsewhere on a GPU the hooks only queue small kernels).
+
 Operators needing attention ``scores`` (attention_prune) get, per audio token, the attention the prompt's last token
 pays it at layer l-1, averaged over heads: this needs eager attention at layer l-1 (refused otherwise).
 """
@@ -194,6 +199,8 @@ class Session:
         self.records: list[Record] = []
         self.prefills = 0
         self.ttft_seconds: float | None = None  # last prefill forward (audio encoder + LLM prefill + compression)
+        self.point_seconds: dict[int, float] = {}  # last prefill: layer -> seconds of its point (t_AP), whole batch
+        self.engine_seconds = 0.0  # last prefill: seconds inside the engine's hooks, points included
         self.peak_memory_bytes: int | None = None
         self.memory_increment_bytes: int | None = None
         self.kv_bytes: int | None = None
@@ -208,11 +215,11 @@ class Session:
     # -------------------------------------------------------------- install / remove
     def install(self) -> None:
         r = self.reach
-        self._handles.append(r.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self._handles.append(r.top.register_forward_hook(self._top_post, with_kwargs=True))
-        self._handles.append(r.stack.register_forward_pre_hook(self._stack_pre, with_kwargs=True))
+        self._handles.append(r.top.register_forward_pre_hook(self._timed(self._top_pre), with_kwargs=True))
+        self._handles.append(r.top.register_forward_hook(self._timed(self._top_post), with_kwargs=True))
+        self._handles.append(r.stack.register_forward_pre_hook(self._timed(self._stack_pre), with_kwargs=True))
         for i, layer in enumerate(r.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(self._timed(self._layer_hook(i)), with_kwargs=True))
         for p in self.points:
             if p.needs_scores:
                 self._handles.append(r.attention(r.layers[p.layer - 1]).register_forward_hook(self._scores_hook))
@@ -221,6 +228,19 @@ class Session:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _timed(self, hook: Callable) -> Callable:
+        """``hook`` with its wall time added to ``engine_seconds`` while a prefill runs."""
+
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return hook(*args)
+            finally:
+                if self.phase == "prefill":
+                    self.engine_seconds += time.perf_counter() - t0
+
+        return run
 
     # -------------------------------------------------------------- top module: prefill or decode?
     def _top_pre(self, module, args, kwargs):
@@ -236,6 +256,7 @@ class Session:
             self.phase = "prefill"
             self.prefill = Prefill(audio=audio, spans=[])
             self.prefills += 1
+            self.point_seconds, self.engine_seconds = {}, 0.0
             device = next(module.parameters()).device
             self._probe = memory_probe(device)
             self._watch = Stopwatch(device).start()
@@ -344,7 +365,7 @@ class Session:
             aidx = st.audio[b].nonzero().squeeze(1)
             tidx = (~st.audio[b] & real).nonzero().squeeze(1)
             before = st.spans[b].record.seconds
-            out, st.spans[b] = compress_step(hidden[b, aidx], point, st.spans[b], features=features,
+            out, st.spans[b] = compress_step(_rows(hidden[b], aidx), point, st.spans[b], features=features,
                                              scores=None if scores is None else scores[b, aidx])
             step_seconds.append(st.spans[b].record.seconds - before)
             plans.append(_Plan(tidx, aidx, out.groups.to(device), out.positions.to(device)))
@@ -375,7 +396,8 @@ class Session:
         st.stages.append(Stage(pad, lengths, shift))
         if cuda:
             torch.cuda.synchronize(device)
-        shared = (time.perf_counter() - t_batch - sum(step_seconds)) / B  # re-assembly, positions, masks
+        self.point_seconds[i] = time.perf_counter() - t_batch
+        shared = (self.point_seconds[i] - sum(step_seconds)) / B  # re-assembly, positions, masks
         st.spans = [replace(s, record=replace(s.record, seconds=s.record.seconds + shared)) for s in st.spans]
         return new_hidden
 
@@ -548,6 +570,9 @@ class _Plan:
     def __post_init__(self):
         # each output token sits where its first member sat; text tokens keep their places
         self.order = torch.argsort(torch.cat([self.tidx, self.aidx[self.first]]))
+        slot = torch.empty_like(self.order)
+        slot[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        self.text_at, self.audio_at = slot[: self.tidx.numel()], slot[self.tidx.numel():]  # places in the new sequence
 
     @property
     def n_out(self) -> int:
@@ -565,12 +590,25 @@ class _Plan:
 
 def _assemble(t: Tensor, plans: list[_Plan], L: int, *, dim: int, audio_rows: list[Tensor]) -> Tensor:
     """Per sample: its text rows of ``t`` and its new audio rows, in sequence order, left-padded to ``L`` along
-    ``dim`` (``dim`` counts the batch axis: 1 for hidden states [B, T, d], 2 for keys [B, H, T, hd])."""
+    ``dim`` (``dim`` counts the batch axis: 1 for hidden states [B, T, d], 2 for keys [B, H, T, hd]). Each row is
+    written once, straight to its place (the audio rows are the bulk: one copy)."""
     shape = list(t.shape)
     shape[dim] = L
-    out = t.new_zeros(shape)
+    out = t.new_empty(shape)
     d = dim - 1  # the sequence axis of one sample
     for b, p in enumerate(plans):
-        rows = torch.cat([t[b].index_select(d, p.tidx), audio_rows[b].to(t.dtype)], dim=d).index_select(d, p.order)
-        out[b].narrow(d, L - p.length, p.length).copy_(rows)
+        pad = L - p.length
+        if pad:
+            out[b].narrow(d, 0, pad).zero_()
+        seq = out[b].narrow(d, pad, p.length)
+        seq.index_copy_(d, p.text_at, t[b].index_select(d, p.tidx))
+        seq.index_copy_(d, p.audio_at, audio_rows[b].to(t.dtype))
     return out
+
+
+def _rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` along the first axis; a view, not a copy, when ``idx`` is one contiguous run (a single audio span)."""
+    n = idx.numel()
+    if n and int(idx[-1]) - int(idx[0]) + 1 == n:
+        return t.narrow(0, int(idx[0]), n)
+    return t.index_select(0, idx)

@@ -531,8 +531,12 @@ def prefill_table(bench: dict[str, Any]) -> pd.DataFrame:
     t = pd.DataFrame(bench.get("rows") or [])
     if t.empty:
         return t
-    cols = {"bucket": "Bucket", "method": "Method", "frr": "FRR", "ttft_ms": "TTFT (ms)", "speedup": "Spd.",
-            "t_ap_ms": "t_AP (ms)", "peak_gb": "m (GB)", "increment_gb": "dm (GB)", "saving": "Sav."}
+    for key in ("ttft", "t_ap"):  # seconds -> milliseconds
+        if f"{key}_s" in t:
+            t[f"{key}_ms"] = 1000 * t[f"{key}_s"]
+    cols = {"bucket": "Bucket", "method": "Method", "retention": "FRR", "ttft_ms": "TTFT (ms)", "speedup": "Spd.",
+            "flops_ideal_speedup": "FLOPs-ideal", "t_ap_ms": "t_AP (ms)", "peak_gb": "m (GB)",
+            "increment_gb": "dm (GB)", "saving": "Sav."}
     t = t[[c for c in cols if c in t]].rename(columns=cols)
     if "FRR" in t:
         t["FRR"] = 100 * t["FRR"]

@@ -145,6 +145,7 @@ class LSLMAdapter:
             stats.update(
                 encoder_flops=frontend, total_flops=stats["prefill_flops"] + frontend,
                 seconds=seconds, batch_size=len(requests), ttft_seconds=session.ttft_seconds,
+                engine_seconds=session.engine_seconds,  # the whole batch's time in the engine's prefill hooks
                 peak_memory_bytes=session.peak_memory_bytes, memory_increment_bytes=session.memory_increment_bytes,
                 kv_cache_bytes_batch=session.kv_bytes,
                 new_tokens=int((new[b] != pad).sum()) if pad is not None else int(new.shape[1]),
