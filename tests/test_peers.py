@@ -480,3 +480,160 @@ def test_schedules_expand_to_one_point_per_layer():
         schedule("fastadasp", 0, 4, 0.6, "linear")
     with pytest.raises(ValueError, match="0 <= start < stop"):
         schedule("fastadasp", 4, 4, 0.6)
+
+
+# ------------------------------------------------------------------------------------------ the Whisper adapter
+@pytest.fixture(scope="module")
+def whisper_eager():
+    from speech_redundancy.models.whisper import WhisperModel
+    from speech_redundancy.weights import load_whisper
+
+    model, processor = load_whisper("whisper-tiny.en", attn_implementation="eager")
+    return WhisperModel(model, processor, name="whisper-tiny.en")
+
+
+@pytest.fixture(scope="module")
+def one_request(demo_manifest):
+    from speech_redundancy.audio import load_audio
+    from speech_redundancy.data.records import read_manifest
+    from speech_redundancy.models.base import Request
+
+    utt = next(u for u in read_manifest(demo_manifest) if u.extra.get("kind") == "real")
+    return Request(utt=utt, audio=load_audio(utt.audio), seed=3)
+
+
+def encoder_output(adapter, req, points):
+    """What the decoder reads: the encoder's output with ``points`` applied (captured by a hook on the encoder)."""
+    got = {}
+
+    def keep(module, args, output):
+        got.setdefault("h", output.last_hidden_state[0].clone())
+
+    hook = adapter.encoder.register_forward_hook(keep)
+    try:
+        out = adapter.generate([req], points, max_new_tokens=4)[0]
+    finally:
+        hook.remove()
+    return got["h"], out
+
+
+def test_whisper_point_at_the_encoder_output(whisper_eager, one_request):
+    """layer = n_layers compresses what the decoder reads, after the final layer norm; the padding frames follow."""
+    from speech_redundancy.compress import interpolate
+    from speech_redundancy.models.whisper import frames_for
+
+    adapter = whisper_eager
+    L = adapter.n_layers
+    stock, _ = encoder_output(adapter, one_request, [])
+    n = frames_for(len(one_request.audio) / 16000)
+    got, out = encoder_output(adapter, one_request, [Point(L, "interpolate", {"ratio": 0.5})])
+    want = interpolate(stock[:n], 0.5).tokens
+    assert out.tokens_in == n and out.tokens_out == want.shape[0] == n_kept(0.5, n)
+    torch.testing.assert_close(got[: want.shape[0]], want)
+    assert torch.equal(got[want.shape[0]:], stock[n:])
+    with pytest.raises(ValueError, match=f"allowed 0..{L}"):
+        adapter.check_points([Point(L + 1, "none")])
+
+
+def test_whisper_attention_scores_come_from_the_layer_before(whisper_eager, one_request):
+    from speech_redundancy.models.whisper import frames_for
+
+    adapter = whisper_eager
+    L = adapter.n_layers
+    n = frames_for(len(one_request.audio) / 16000)
+    got = {}
+
+    def keep(module, args, output):
+        got.setdefault("w", output[1][0, :, :n, :n].float().mean(dim=(0, 1)))
+
+    hook = adapter.encoder.layers[L - 1].self_attn.register_forward_hook(keep)
+    try:
+        stock, _ = encoder_output(adapter, one_request, [])
+    finally:
+        hook.remove()
+    out_h, out = encoder_output(adapter, one_request, [Point(L, "attention_prune", {"ratio": 0.6})])
+    keep = torch.sort(torch.argsort(-got["w"].double(), stable=True)[: n_kept(0.6, n)]).values
+    assert out.groups[0] == [int((keep == t).nonzero()[0]) if (keep == t).any() else -1 for t in range(n)]
+    torch.testing.assert_close(out_h[: keep.numel()], stock[keep])
+    for op in ("samp", "visionzip", "fastadasp", "segment_topk"):
+        params = {"ratio": 0.7, **({"segment": 50} if op == "segment_topk" else {})}
+        assert adapter.generate([one_request], [Point(L, op, params)], 4)[0].tokens_out == n_kept(0.7, n)
+
+
+def test_whisper_refuses_before_compute(whisper_tiny, whisper_eager):
+    from speech_redundancy.models.whisper import WhisperModel
+
+    sdpa = WhisperModel(*whisper_tiny, name="whisper-tiny.en")
+    with pytest.raises(ValueError, match="operator=visionzip needs attention weights.*model.attn_implementation=eager"):
+        sdpa.check_points([Point(3, "visionzip", {"ratio": 0.5})])
+    with pytest.raises(ValueError, match="operator=fastadasp scores frames by attention.*layer=0 has none"):
+        whisper_eager.check_points([Point(0, "fastadasp", {"ratio": 0.5})])
+    for op in ("cdpruner", "speechprune"):
+        with pytest.raises(ValueError, match=f"operator={op} needs a text prompt"):
+            whisper_eager.check_points([Point(4, op, {"ratio": 0.5})])
+
+
+# ------------------------------------------------------------------------------------------ the LLM engine
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    from speech_redundancy.models import qwen2audio as q
+
+    out = {}
+    for attn in ("sdpa", "eager"):
+        model, processor = q.build_tiny(seed=0, attn_implementation=attn)
+        out[attn] = q.Qwen2AudioModel(model, processor, name=f"tiny-{attn}")
+    return out
+
+
+def _llm_request(uid: str, seconds: float):
+    from speech_redundancy.compress import seed_for
+    from speech_redundancy.data.records import Utterance
+    from speech_redundancy.models.base import Request
+
+    audio = (0.1 * np.random.default_rng(len(uid)).standard_normal(int(16000 * seconds))).astype(np.float32)
+    return Request(utt=Utterance(id=uid, audio=f"{uid}.wav", text="x", duration=seconds), audio=audio,
+                   seed=seed_for(0, uid))
+
+
+def test_llm_engine_supplies_scores_and_the_prompt_query(tiny_qwen, monkeypatch):
+    from speech_redundancy import engine
+
+    adapter = tiny_qwen["eager"]
+    reqs = [_llm_request("a", 2.0), _llm_request("bb", 3.1)]
+    batch = adapter.inputs(reqs)
+    audio = adapter.reach.find_audio((), batch)
+    real = batch["attention_mask"].bool()
+    after = [int((real[b] & ~audio[b] & (torch.arange(audio.shape[1]) > audio[b].nonzero().max())).sum())
+             for b in range(len(reqs))]
+    seen = []
+    step = engine.compress_step
+
+    def spy(x, point, state, **kw):
+        seen.append((point.operator, None if kw.get("query") is None else kw["query"].shape[0], kw.get("scores")))
+        return step(x, point, state, **kw)
+
+    monkeypatch.setattr(engine, "compress_step", spy)
+    points = [Point(1, "cdpruner", {"ratio": 0.8}), Point(2, "speechprune", {"ratio": 0.9, "segment": 25}),
+              Point(3, "samp", {"ratio": 0.9})]
+    outs = adapter.generate(reqs, points, 2)
+    for b, out in enumerate(outs):
+        n = out.tokens_in
+        want = [n_kept(0.8, n)]
+        want.append(n_kept(0.9, want[-1]))
+        want.append(n_kept(0.9, want[-1]))
+        assert out.tokens_per_point == want
+    queries = [(op, qn) for op, qn, _ in seen if op in ("cdpruner", "speechprune")]
+    assert queries == [("cdpruner", after[0]), ("speechprune", after[0]), ("cdpruner", after[1]),
+                       ("speechprune", after[1])]  # batch_size=1: one request after the other
+    assert all(s is not None for op, _, s in seen if op in ("speechprune", "samp"))
+
+
+def test_llm_engine_refuses_attention_operators_without_eager(tiny_qwen):
+    from speech_redundancy.engine import CompressionError
+
+    for op in ("samp", "visionzip", "fastadasp", "speechprune", "segment_topk"):
+        with pytest.raises(CompressionError, match=f"operator={op} needs attention weights.*attn_implementation=eager"):
+            tiny_qwen["sdpa"].check_points([Point(2, op, {"ratio": 0.5})])
+        with pytest.raises(CompressionError, match=f"operator={op} scores tokens by attention at layer l-1; layer=0"):
+            tiny_qwen["eager"].check_points([Point(0, op, {"ratio": 0.5})])
+    tiny_qwen["sdpa"].check_points([Point(0, "cdpruner", {"ratio": 0.5}), Point(1, "ltbm", {"ratio": 0.5})])
