@@ -41,8 +41,10 @@ tokens and left-padded again to the longest compressed sample; layers see exactl
 masked padding. A sample's audio slots need not be contiguous (several clips, 30 s windows separated by text): all
 of them form the one sequence the operator sees, and each output token takes its first member's place.
 
-Operators needing attention ``scores`` (attention_prune) get, per audio token, the attention the prompt's last token
-pays it at layer l-1, averaged over heads: this needs eager attention at layer l-1 (refused otherwise).
+Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
+per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
+attention at layer l-1 (refused otherwise). Operators needing a ``query`` (cdpruner, speechprune) get the hidden
+states entering layer l of the sample's text tokens after its audio (all its text tokens when none follow).
 """
 
 from __future__ import annotations
@@ -344,8 +346,12 @@ class Session:
             aidx = st.audio[b].nonzero().squeeze(1)
             tidx = (~st.audio[b] & real).nonzero().squeeze(1)
             before = st.spans[b].record.seconds
+            query = None
+            if point.needs_query:  # the prompt: text after the audio (all text when none follows)
+                after = tidx[tidx > aidx.max()] if aidx.numel() else tidx
+                query = hidden[b, after if after.numel() else tidx]
             out, st.spans[b] = compress_step(hidden[b, aidx], point, st.spans[b], features=features,
-                                             scores=None if scores is None else scores[b, aidx])
+                                             scores=None if scores is None else scores[b, aidx], query=query)
             step_seconds.append(st.spans[b].record.seconds - before)
             plans.append(_Plan(tidx, aidx, out.groups.to(device), out.positions.to(device)))
             tokens.append(out.tokens)
