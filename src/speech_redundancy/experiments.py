@@ -15,7 +15,7 @@ each: malformed result lines (``file:line``), folders without ``summary.json`` (
 failed jobs (their ``failed.json``: the error and the overrides, found even where the job died before writing
 ``run.json``), missing shards, failed utterances.
 
-The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``,
+The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_budget_table``, ``peer_table``,
 ``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
 ``protocols_table`` takes the runs of one context and scores the same hypotheses under every protocol.
 """
@@ -466,6 +466,41 @@ def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
             sub = sp if op == "speedup" else fr[fr["operator"] == op] if not fr.empty else fr
             sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
             add(f"{100 * k:g}%", label, sub)
+    return pd.DataFrame(rows)
+
+
+PEER_NAMES = {"interpolate": "Interpolation", "uniform_merge": "Uniform Merge", "affinity_ratio": "AP (fixed K)",
+              "adjacent_merge": "A-ToMe", "ltbm": "LTBM", "cdpruner": "CDPruner", "attention_prune": "FastV",
+              "samp": "Samp / SA-MAP", "visionzip": "VisionZip", "fastadasp": "FastAdaSP",
+              "speechprune": "SpeechPrune", "segment_topk": "Segment top-K"}
+
+
+def peer_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Single-point runs of the comparison (``intervention=peer``): one row per (context, operator, layer, K)."""
+    d = _not_aux(_sel(df, intervention="peer", n_points=1))
+    return d if d.empty else d.sort_values(["context", "layer", "operator", "ratio"])
+
+
+def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
+    """Issue 13's comparison (paper Table 3 extended to the field): rows (layer, operator), columns WER (%) per
+    retention K, and the retention reached over all of them (``Ret.``, %); the Vanilla row on top."""
+    d = peer_runs(df)
+    d = d[d["context"] == context] if not d.empty else d
+    if d.empty:
+        return pd.DataFrame()
+    ratios = sorted({round(float(r), 3) for r in d["ratio"].dropna()}, reverse=True)
+    rows = []
+    van = vanilla_of(df, context)
+    if van:
+        rows.append({"Layer": "-", "Operator": "Vanilla", **{f"K={100 * k:g}% WER": 100 * van["wer"] for k in ratios},
+                     "Ret.": 100.0})
+    for (layer, op), g in d.groupby(["layer", "operator"], sort=True):
+        rec: dict[str, Any] = {"Layer": int(layer), "Operator": PEER_NAMES.get(op, op)}
+        for k in ratios:
+            r = _best(g[g["ratio"].astype(float).round(3) == k])
+            rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
+        rec["Ret."] = 100 * float(g["retention"].mean())
+        rows.append(rec)
     return pd.DataFrame(rows)
 
 
