@@ -637,3 +637,30 @@ def test_llm_engine_refuses_attention_operators_without_eager(tiny_qwen):
         with pytest.raises(CompressionError, match=f"operator={op} scores tokens by attention at layer l-1; layer=0"):
             tiny_qwen["eager"].check_points([Point(0, op, {"ratio": 0.5})])
     tiny_qwen["sdpa"].check_points([Point(0, "cdpruner", {"ratio": 0.5}), Point(1, "ltbm", {"ratio": 0.5})])
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _rec(**kw):
+    base = dict(model="whisper-base", data="demo/real", context="c1", experiment="peer_comparison_demo", n=4,
+                n_points=1, protocol="paper", retention=kw.get("ratio", 1.0))
+    return {**base, **kw}
+
+
+def test_peer_table_and_fixed_budget_layers():
+    import pandas as pd
+
+    from speech_redundancy.experiments import fixed_budget_table, peer_table
+
+    rows = [_rec(intervention="none", n_points=0, wer=0.1, ratio=None, retention=1.0, layer=None, operator=None)]
+    for op, w in (("samp", 0.2), ("ltbm", 0.3)):
+        for k in (0.8, 0.6):
+            rows.append(_rec(intervention="peer", layer=6, operator=op, ratio=k, wer=w + (0.8 - k)))
+    for layer in (6, 0):
+        rows.append(_rec(intervention="fixed_ratio", layer=layer, operator="interpolate", ratio=0.6, wer=0.1 + layer / 100))
+    t = peer_table(pd.DataFrame(rows), "c1")
+    assert list(t["Operator"]) == ["Vanilla", "LTBM", "Samp / SA-MAP"]
+    assert list(t.columns) == ["Layer", "Operator", "K=80% WER", "K=60% WER", "Ret."]
+    assert t.iloc[2]["K=60% WER"] == pytest.approx(40.0) and t.iloc[0]["K=80% WER"] == pytest.approx(10.0)
+    f = fixed_budget_table(pd.DataFrame(rows), "whisper-base")
+    assert list(f["Method"]) == ["Vanilla", "interpolate (l=6)", "interpolate (l=0)"]
+    assert list(f["demo/real"]) == pytest.approx([10.0, 16.0, 10.0])

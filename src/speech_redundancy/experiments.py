@@ -412,6 +412,11 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         name = _setting_name(s["threshold_in"], s["threshold_deep"], label)
         li, ld, f = int(s["layer_in"]), int(s["layer_deep"]), s["features"]
         add("AP_in", name, li, "-", {n: _single(d, model, n, li, s["threshold_in"], s["window_in"], f) for n in datasets})
+        # AP_in at another input point (Whisper: the encoder output, the stand-in for the LLM's l = 0), if run
+        aff = _sel(d, intervention="affinity", n_points=1)
+        for lo in sorted({int(v) for v in aff["layer"]} - {li, ld}, reverse=True) if not aff.empty else []:
+            add(f"AP_in (l={lo})", name, lo, "-",
+                {n: _single(d, model, n, lo, s["threshold_in"], s["window_in"], f) for n in datasets})
         add("AP_deep", name, "-", ld, {n: _single(d, model, n, ld, s["threshold_deep"], s["window_deep"], f) for n in datasets})
         same = dap[(dap["threshold_in"] == s["threshold_in"]) & (dap["threshold_deep"] == s["threshold_deep"])
                    & (dap["layer_in"] == li) & (dap["layer_deep"] == ld) & (dap["features"] == f)]
@@ -431,13 +436,17 @@ FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in
 
 def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """Paper Table 3: WER (%) per dataset under fixed token budgets K, for speedup, interpolate and AP_in
-    (``affinity_ratio``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
+    (``affinity_ratio``) at the input point, with the Vanilla row on top. ``Ret.`` is the retention reached (%).
+
+    The input point is layer 0 for the LLMs; Whisper's demo twin puts it at the encoder output (l = n_layers) and
+    keeps layer 0 as an extra: when runs exist at several layers, each method is listed per layer, labelled
+    ``(l=<layer>)``, the deepest first."""
     d = _not_aux(df[df["model"] == model]) if not df.empty else df
     if d.empty:
         return pd.DataFrame()
     sp = _sel(d, intervention="speedup")
     fr = _sel(d, intervention="fixed_ratio", n_points=1)
-    fr = fr[fr["layer"] == 0] if not fr.empty else fr
+    layers = sorted({int(v) for v in fr["layer"]}, reverse=True) if not fr.empty else []
     if sp.empty and fr.empty:
         return pd.DataFrame()
     datasets = sorted(set(sp["data"]) | set(fr["data"]) if not fr.empty else set(sp["data"]))
@@ -463,9 +472,14 @@ def fixed_budget_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
                                                    fr.get("ratio", pd.Series(dtype=float))]).dropna()}, reverse=True)
     for k in ratios:
         for label, op in FIXED_METHODS:
-            sub = sp if op == "speedup" else fr[fr["operator"] == op] if not fr.empty else fr
-            sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
-            add(f"{100 * k:g}%", label, sub)
+            if op == "speedup":
+                cases = [(label, sp)]
+            else:
+                cases = [(label if len(layers) <= 1 else f"{label} (l={layer})",
+                          fr[(fr["operator"] == op) & (fr["layer"] == layer)]) for layer in layers]
+            for name, sub in cases:
+                sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
+                add(f"{100 * k:g}%", name, sub)
     return pd.DataFrame(rows)
 
 
