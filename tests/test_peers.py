@@ -664,3 +664,21 @@ def test_peer_table_and_fixed_budget_layers():
     f = fixed_budget_table(pd.DataFrame(rows), "whisper-base")
     assert list(f["Method"]) == ["Vanilla", "interpolate (l=6)", "interpolate (l=0)"]
     assert list(f["demo/real"]) == pytest.approx([10.0, 16.0, 10.0])
+
+
+def test_fastadasp_schedule_intervention_expands_in_build_points():
+    from conftest import compose
+
+    from speech_redundancy.runner import RunError, build_points
+
+    points = build_points(compose(["intervention=fastadasp_schedule", "layer=2", "schedule_stop=5", "ratio=0.8",
+                                   "schedule_kind=decay"]))
+    assert [(p.layer, p.operator, p.params["ratio"]) for p in points] == [
+        (2, "fastadasp", pytest.approx(0.8 + 0.2 / 3 * 0)), (3, "fastadasp", pytest.approx(1 - 0.2 * 2 / 3)),
+        (4, "fastadasp", pytest.approx(1 - 0.2 / 3))]
+    assert all(p.params["features"] == "keys" for p in points)
+    with pytest.raises(RunError, match="schedule kind='linear'"):
+        build_points(compose(["intervention=fastadasp_schedule", "schedule_kind=linear"]))
+    peer = build_points(compose(["intervention=peer", "operator=visionzip", "ratio=0.7", "layer=3", "dominant=0.5"]))
+    assert [(p.layer, p.operator, p.params) for p in peer] == [(3, "visionzip", {"ratio": 0.7, "dominant": 0.5,
+                                                                                 "features": "hidden"})]
