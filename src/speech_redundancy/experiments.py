@@ -497,7 +497,7 @@ def peer_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
     """Issue 13's comparison (paper Table 3 extended to the field): rows (layer, operator), columns WER (%) per
-    retention K, and the retention reached over all of them (``Ret.``, %); the Vanilla row on top."""
+    retention K, and the mean retention reached over those runs (``Ret. (mean)``, %); the Vanilla row on top."""
     d = peer_runs(df)
     d = d[d["context"] == context] if not d.empty else d
     if d.empty:
@@ -507,13 +507,13 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
     van = vanilla_of(df, context)
     if van:
         rows.append({"Layer": "-", "Operator": "Vanilla", **{f"K={100 * k:g}% WER": 100 * van["wer"] for k in ratios},
-                     "Ret.": 100.0})
+                     "Ret. (mean)": 100.0})
     for (layer, op), g in d.groupby(["layer", "operator"], sort=True):
         rec: dict[str, Any] = {"Layer": int(layer), "Operator": PEER_NAMES.get(op, op)}
         for k in ratios:
             r = _best(g[g["ratio"].astype(float).round(3) == k])
             rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
-        rec["Ret."] = 100 * float(g["retention"].mean())
+        rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
         rows.append(rec)
     return pd.DataFrame(rows)
 

@@ -243,12 +243,11 @@ def peer_comparison(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla:
             ax.plot(_pct(s["retention"]), _pct(s["wer"]), marker=markers[i % len(markers)], color=cmap[i], ms=5,
                     label=PEER_NAMES.get(op, op))
         _vanilla_line(ax, vanilla, "wer")
-        _log_safe(ax, list(_pct(g["wer"])))
         ax.invert_xaxis()  # less retention to the right, as compression grows
         ax.set_xlabel("retention (%)")
         ax.set_title(f"layer l={int(layer)}")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("WER (%), log scale")
+    axes[0][0].set_ylabel("WER (%)")
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.suptitle(title or "The field at fixed retention")
     fig.tight_layout()
