@@ -146,8 +146,8 @@ def main_results(df, out, rep):
 
 def fixed_budget(df, out, rep):
     per_model_table(df, out, rep, ex.fixed_budget_table, "table3_fixed_budget",
-                    "Fixed token budgets at layer 0, {model}: WER (%)", "Table 3 (fixed_budget)",
-                    "no speedup or fixed_ratio runs at layer 0", min_rows=2)
+                    "Fixed token budgets at the input point, {model}: WER (%)", "Table 3 (fixed_budget)",
+                    "no speedup or fixed_ratio runs", min_rows=2)
 
 
 def peers(df, out, rep):
