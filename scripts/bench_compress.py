@@ -4,10 +4,12 @@ For T in {250, 750, 1500}, d in {1280, 3584, 4096} and window in {1, 3}: the med
 operator (after warm-up), of the literal Algorithm 1 loop plus a per-group mean, and Affinity Pooling's
 speed-up over that loop measured in the same run.
 
-    PYTHONPATH=src python scripts/bench_compress.py [--device cuda] [--quick] [--out bench.csv]
+    PYTHONPATH=src python scripts/bench_compress.py [--device cuda] [--quick] [--T 1500 --d 4096] [--only samp,ltbm]
+                                                    [--out bench.csv]
 
 Inputs: runs of 1-6 near-identical tokens (a shared random vector plus noise); Affinity Pooling at threshold
-0.8 keeps about 60-66% of them (the ``retention`` column); word spans of 10 tokens for the oracle operators.
+0.8 keeps about 60-66% of them (the ``retention`` column); word spans of 10 tokens for the oracle operators;
+uniform random attention scores and a random 12-token text query for the peer operators (K = 60%).
 """
 
 from __future__ import annotations
@@ -74,9 +76,12 @@ def literal_pool(x: torch.Tensor, threshold: float, window: int) -> torch.Tensor
     return torch.stack([x[m].mean(0) for m in members])
 
 
-def operators(T: int, window: int, device: str) -> dict[str, dict]:
+def operators(T: int, d: int, window: int, device: str) -> dict[str, dict]:
+    """Every operator of the table (compress.OPERATORS) with its inputs: word spans, attention scores, a 12-token
+    text query."""
     spans = torch.tensor([[a, min(a + WORD, T)] for a in range(0, T, WORD + 2)], dtype=torch.long)
     scores = torch.rand(T, generator=torch.Generator().manual_seed(1)).to(device)
+    query = torch.randn(12, d, generator=torch.Generator().manual_seed(2)).to(device)
     return {
         "none": {},
         "random_drop": dict(budget=BUDGET, spans=spans, seed=0),
@@ -88,6 +93,13 @@ def operators(T: int, window: int, device: str) -> dict[str, dict]:
         "adjacent_merge": dict(ratio=RATIO),
         "group_merge": dict(threshold=THRESHOLD),
         "attention_prune": dict(ratio=RATIO, scores=scores),
+        "samp": dict(ratio=RATIO, scores=scores, threshold=0.9),
+        "visionzip": dict(ratio=RATIO, scores=scores),
+        "cdpruner": dict(ratio=RATIO, query=query),
+        "fastadasp": dict(ratio=RATIO, scores=scores),
+        "speechprune": dict(ratio=RATIO, scores=scores, query=query, segment=25),
+        "segment_topk": dict(ratio=RATIO, scores=scores, segment=25),
+        "ltbm": dict(ratio=RATIO),
     }
 
 
@@ -98,10 +110,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="write the table as CSV")
+    ap.add_argument("--only", default=None, help="comma-separated operators to time (default: all)")
+    ap.add_argument("--T", default=None, help="comma-separated sequence lengths (default: by --quick)")
+    ap.add_argument("--d", default=None, help="comma-separated widths (default: by --quick)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     Ts, ds = ((750, 1500), (4096,)) if args.quick else ((250, 750, 1500), (1280, 3584, 4096))
+    if args.T:
+        Ts = tuple(int(v) for v in args.T.split(","))
+    if args.d:
+        ds = tuple(int(v) for v in args.d.split(","))
+    only = set(args.only.split(",")) if args.only else None
     repeats = args.repeats or (5 if args.quick else 15)
     rows = []
     for T in Ts:
@@ -109,8 +129,13 @@ def main() -> None:
             x = speech_like(T, d, args.device)
             for window in (1, 3):
                 row = {"device": args.device, "T": T, "d": d, "window": window}
-                for name, params in operators(T, window, args.device).items():
+                for name, params in operators(T, d, window, args.device).items():
+                    if only and name not in only:
+                        continue
                     row[name] = median_ms(lambda: compress(x, name, **params), args.device, repeats)
+                if "affinity" not in row:
+                    row["affinity"] = median_ms(lambda: compress(x, "affinity", threshold=THRESHOLD, window=window),
+                                                args.device, repeats)
                 row["retention"] = compress(x, "affinity", threshold=THRESHOLD, window=window).n_out / T
                 row["literal"] = median_ms(lambda: literal_pool(x, THRESHOLD, window), args.device,
                                            max(3, repeats // 5), warmup=1)

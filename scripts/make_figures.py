@@ -12,6 +12,7 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     table1_main_<model>.*                                                           (DAP runs + matching AP runs)
     table2_prefill.*                                                                (scripts/bench_prefill.py JSON)
     table3_fixed_ratio_<model>.*                                                   (speedup / fixed_ratio runs)
+    table_peers_<ctx>.* + fig_peers_<ctx>.*                          (intervention=peer runs: WER vs retention)
     fig3_dynamics_<model>_<data>_<feat>.*                                           (analysis dynamics.jsonl)
     fig5_groups_<ctx>_<utt>.*                                                       (runs with save_groups=true)
     table9_trajectories_<model>.*                                                   (oracle runs, one utterance)
@@ -148,8 +149,22 @@ def main_results(df, out, rep):
 
 def fixed_ratio(df, out, rep):
     per_model_table(df, out, rep, ex.fixed_ratio_table, "table3_fixed_ratio",
-                    "Fixed retention K at layer 0, {model}: WER (%)", "Table 3 (fixed_ratio)",
-                    "no speedup or fixed_ratio runs at layer 0", min_rows=2)
+                    "Fixed retention K at the input point, {model}: WER (%)", "Table 3 (fixed_ratio)",
+                    "no speedup or fixed_ratio runs", min_rows=2)
+
+
+def peers(df, out, rep):
+    d = ex.peer_runs(df)
+    if d.empty:
+        return rep.skip("peer comparison (peer_comparison)", "no intervention=peer runs")
+    all_ctx = ex.contexts(d)
+    for ctx in all_ctx:
+        name = ex.context_name(df, ctx, all_ctx)
+        dc = d[d["context"] == ctx]
+        van = ex.vanilla_of(df, ctx)
+        cap = f"The field at fixed retention K, {name}: WER (%) per operator and layer{_protocol(dc)}"
+        rep.wrote(ex.write_table(ex.peer_table(df, ctx), out, f"table_peers_{name}", cap))
+        rep.wrote(figs.peer_comparison(dc, out / f"fig_peers_{name}", f"WER against retention — {name}", van))
 
 
 def prefill(outputs, out, rep):
@@ -305,6 +320,7 @@ def main(argv: list[str] | None = None) -> Report:
     affinity(df, out, rep)
     main_results(df, out, rep)
     fixed_ratio(df, out, rep)
+    peers(df, out, rep)
     prefill(args.outputs, out, rep)
     dynamics(args.outputs, out, rep)
     groups(df, runs, out, rep)

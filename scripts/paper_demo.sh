@@ -25,10 +25,12 @@ step() {
   echo "   ($(( $(date +%s) - t0 )) s)"
 }
 
-step "$PY" run.py -m experiment=main_results_demo                    # Table 1: 7 runs
+step "$PY" run.py -m experiment=main_results_demo                    # Table 1: 9 runs
 step "$PY" run.py -m experiment=oracle_layers_demo                   # Fig. 2, Tables 4-5: 16 runs
 step "$PY" run.py -m experiment=affinity_layers_demo                 # Fig. 4, Tables 6-7, Fig. 6 view: 24 runs
-step "$PY" run.py -m experiment=fixed_ratio_demo ratio=0.8,0.6       # Table 3: 6 runs
+step "$PY" run.py -m experiment=fixed_ratio_demo ratio=0.8,0.6       # Table 3: 10 runs (l = 6 and the l = 0 extra)
+step "$PY" run.py experiment=peer_comparison_demo intervention=none  # the comparison's vanilla (eager attention)
+step "$PY" run.py -m experiment=peer_comparison_demo ratio=0.8,0.6   # the field at fixed K: 20 runs x 4 clips
 step "$PY" run.py -m experiment=group_plots_demo                     # Figs. 5, 9-11: 4 runs x 3 clips
 step "$PY" run.py -m experiment=trajectories_demo                    # Tables 9-10: 12 runs x 1 clip
 step "$PY" -m speech_redundancy.analysis experiment=cosine_dynamics_demo   # Fig. 3: no decoding

@@ -486,6 +486,14 @@ CALLS = {
     "adjacent_merge": (dict(ratio=0.5), lambda x, features, **k: adjacent_merge(x, 0.5, features)),
     "group_merge": (dict(threshold=0.3), lambda x, features, **k: group_merge(x, 0.3, features)),
     "attention_prune": (dict(ratio=0.5), lambda x, scores, **k: attention_prune(x, scores, 0.5)),
+    # the peer operators of compress/peers.py (checked against references in tests/test_peers.py)
+    "samp": (dict(ratio=0.5), lambda x, scores, features, **k: C.samp(x, scores, 0.5, features=features)),
+    "visionzip": (dict(ratio=0.5), lambda x, scores, features, **k: C.visionzip(x, scores, 0.5, features=features)),
+    "cdpruner": (dict(ratio=0.5), lambda x, query, **k: C.cdpruner(x, query, 0.5)),
+    "fastadasp": (dict(ratio=0.5), lambda x, scores, features, **k: C.fastadasp(x, scores, 0.5, features=features)),
+    "speechprune": (dict(ratio=0.5, segment=5), lambda x, query, scores, **k: C.speechprune(x, query, scores, 0.5, 5)),
+    "segment_topk": (dict(ratio=0.5, segment=5), lambda x, scores, **k: C.segment_topk(x, scores, 0.5, 5)),
+    "ltbm": (dict(ratio=0.5), lambda x, features, **k: C.ltbm(x, 0.5, features)),
 }
 
 
@@ -507,13 +515,14 @@ def test_compress_dispatches_and_batches(op):
     mask[2, 10] = False  # a hole
     spans = [torch.tensor([[2, 8], [9, 14]]), torch.tensor([[0, 5]]), torch.tensor([[3, 9]])]
     seeds = [seed_for(0, f"utt{b}") for b in range(B)]
-    use_feats = op in ("affinity", "affinity_ratio", "adjacent_merge", "group_merge")
-    cb = compress_batch(x, mask, op, spans=spans, scores=scores, seeds=seeds,
+    use_feats = "features" in OPERATORS[op].inputs
+    queries = [torch.randn(2, d, generator=gen) for _ in range(B)]
+    cb = compress_batch(x, mask, op, spans=spans, scores=scores, seeds=seeds, queries=queries,
                         features=feats if use_feats else None, **{k: v for k, v in params.items() if k != "seed"})
     for b in range(B):
         rows = mask[b].nonzero().flatten()
         xb, fb, sb = x[b, rows].clone(), feats[b, rows].clone(), scores[b, rows].clone()
-        kw = dict(spans=spans[b], scores=sb, features=fb if use_feats else None, seed=seeds[b])
+        kw = dict(spans=spans[b], scores=sb, features=fb if use_feats else None, seed=seeds[b], query=queries[b])
         single = compress(xb, op, **kw, **{k: v for k, v in params.items() if k != "seed"})
         assert same(single, direct(xb, **kw))
         n = single.n_out
@@ -522,10 +531,11 @@ def test_compress_dispatches_and_batches(op):
         assert cb.mask[b].tolist() == [True] * n + [False] * (cb.tokens.shape[1] - n)
         assert torch.equal(cb.groups[b, rows], single.groups) and (cb.groups[b, ~mask[b]] == -1).all()
     if use_feats:
-        cb = compress_batch(x, mask, op, features="centered", **params)
+        cb = compress_batch(x, mask, op, features="centered", scores=scores, **params)
         for b in range(B):
             xb = x[b, mask[b]]
-            assert torch.equal(cb.groups[b, mask[b]], compress(xb, op, features=xb - xb.mean(0), **params).groups)
+            assert torch.equal(cb.groups[b, mask[b]], compress(xb, op, features=xb - xb.mean(0), scores=scores[b, mask[b]],
+                                                               **params).groups)
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -534,7 +544,8 @@ def test_compress_dispatches_and_batches(op):
 @pytest.mark.parametrize("op", list(OPERATORS))
 def test_empty_and_single_token(op):
     params, _ = CALLS[op]
-    kw = dict(spans=torch.zeros(0, 2, dtype=torch.long), scores=torch.zeros(0), seed=params.get("seed"))
+    kw = dict(spans=torch.zeros(0, 2, dtype=torch.long), scores=torch.zeros(0), seed=params.get("seed"),
+              query=torch.randn(2, 4))
     p = {k: v for k, v in params.items() if k != "seed"}
     c = compress(torch.zeros(0, 4), op, **kw, **p)
     assert c.tokens.shape == (0, 4) and c.groups.shape == (0,) and c.positions.shape == (0,)
@@ -551,7 +562,7 @@ def test_nan_and_inf_are_rejected(op):
         x = torch.randn(10, 4)
         x[3, 1] = bad
         with pytest.raises(ValueError, match="NaN|inf"):
-            compress(x, op, spans=torch.tensor([[0, 5]]), scores=torch.rand(10), seed=0, **p)
+            compress(x, op, spans=torch.tensor([[0, 5]]), scores=torch.rand(10), seed=0, query=torch.randn(2, 4), **p)
     if op in ("affinity", "group_merge"):
         f = torch.randn(10, 2)
         f[0, 0] = float("nan")

@@ -46,8 +46,11 @@ input hidden states to the re-assembled batch with its positions, RoPE and masks
 on a GPU), and ``session.engine_seconds`` the time spent in all of the engine's prefill hooks, points included (host
 time: elsewhere on a GPU the hooks only queue small kernels).
 
-Operators needing attention ``scores`` (attention_prune) get, per audio token, the attention the prompt's last token
-pays it at layer l-1, averaged over heads: this needs eager attention at layer l-1 (refused otherwise).
+
+Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
+per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
+attention at layer l-1 (refused otherwise). Operators needing a ``query`` (cdpruner, speechprune) get the hidden
+states entering layer l of the sample's text tokens after its audio (all its text tokens when none follow).
 """
 
 from __future__ import annotations
@@ -365,8 +368,12 @@ class Session:
             aidx = st.audio[b].nonzero().squeeze(1)
             tidx = (~st.audio[b] & real).nonzero().squeeze(1)
             before = st.spans[b].record.seconds
+            query = None
+            if point.needs_query:  # the prompt: text after the audio (all text when none follows)
+                after = tidx[tidx > aidx.max()] if aidx.numel() else tidx
+                query = hidden[b, after if after.numel() else tidx]
             out, st.spans[b] = compress_step(_rows(hidden[b], aidx), point, st.spans[b], features=features,
-                                             scores=None if scores is None else scores[b, aidx])
+                                             scores=None if scores is None else scores[b, aidx], query=query)
             step_seconds.append(st.spans[b].record.seconds - before)
             plans.append(_Plan(tidx, aidx, out.groups.to(device), out.positions.to(device)))
             tokens.append(out.tokens)

@@ -15,7 +15,7 @@ each: malformed result lines (``file:line``), folders without ``summary.json`` (
 failed jobs (their ``failed.json``: the error and the overrides, found even where the job died before writing
 ``run.json``), missing shards, failed utterances.
 
-The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_ratio_table``,
+The table builders (``oracle_table``, ``affinity_table``, ``main_table``, ``fixed_ratio_table``, ``peer_table``,
 ``trajectories``, ``prefill_table``) take that DataFrame and return what the paper shows; they never read files.
 ``protocols_table`` takes the runs of one context and scores the same hypotheses under every protocol.
 """
@@ -432,6 +432,11 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         name = _setting_name(s["threshold_in"], s["threshold_deep"], label)
         li, ld, f = int(s["layer_in"]), int(s["layer_deep"]), s["features"]
         add("AP_in", name, li, "-", {n: _single(d, model, n, li, s["threshold_in"], s["window_in"], f) for n in datasets})
+        # AP_in at another input point (Whisper: the encoder output, the stand-in for the LLM's l = 0), if run
+        aff = _sel(d, intervention="affinity", n_points=1)
+        for lo in sorted({int(v) for v in aff["layer"]} - {li, ld}, reverse=True) if not aff.empty else []:
+            add(f"AP_in (l={lo})", name, lo, "-",
+                {n: _single(d, model, n, lo, s["threshold_in"], s["window_in"], f) for n in datasets})
         add("AP_deep", name, "-", ld, {n: _single(d, model, n, ld, s["threshold_deep"], s["window_deep"], f) for n in datasets})
         same = dap[(dap["threshold_in"] == s["threshold_in"]) & (dap["threshold_deep"] == s["threshold_deep"])
                    & (dap["layer_in"] == li) & (dap["layer_deep"] == ld) & (dap["features"] == f)]
@@ -451,13 +456,17 @@ FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in
 
 def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
     """Paper Table 3: WER (%) per dataset under fixed token budgets K, for speedup, interpolate and AP_in
-    (``affinity_ratio``) at layer 0, with the Vanilla row on top. ``Ret.`` is the retention reached (%)."""
+    (``affinity_ratio``) at the input point, with the Vanilla row on top. ``Ret.`` is the retention reached (%).
+
+    The input point is layer 0 for the LLMs; Whisper's demo twin puts it at the encoder output (l = n_layers) and
+    keeps layer 0 as an extra: when runs exist at several layers, each method is listed per layer, labelled
+    ``(l=<layer>)``, the deepest first."""
     d = _not_aux(df[df["model"] == model]) if not df.empty else df
     if d.empty:
         return pd.DataFrame()
     sp = _sel(d, intervention="speedup")
     fr = _sel(d, intervention="fixed_ratio", n_points=1)
-    fr = fr[fr["layer"] == 0] if not fr.empty else fr
+    layers = sorted({int(v) for v in fr["layer"]}, reverse=True) if not fr.empty else []
     if sp.empty and fr.empty:
         return pd.DataFrame()
     datasets = sorted(set(sp["data"]) | set(fr["data"]) if not fr.empty else set(sp["data"]))
@@ -483,9 +492,49 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
                                                    fr.get("ratio", pd.Series(dtype=float))]).dropna()}, reverse=True)
     for k in ratios:
         for label, op in FIXED_METHODS:
-            sub = sp if op == "speedup" else fr[fr["operator"] == op] if not fr.empty else fr
-            sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
-            add(f"{100 * k:g}%", label, sub)
+            if op == "speedup":
+                cases = [(label, sp)]
+            else:
+                cases = [(label if len(layers) <= 1 else f"{label} (l={layer})",
+                          fr[(fr["operator"] == op) & (fr["layer"] == layer)]) for layer in layers]
+            for name, sub in cases:
+                sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
+                add(f"{100 * k:g}%", name, sub)
+    return pd.DataFrame(rows)
+
+
+PEER_NAMES = {"interpolate": "Interpolation", "uniform_merge": "Uniform Merge", "affinity_ratio": "AP (fixed K)",
+              "adjacent_merge": "A-ToMe", "ltbm": "LTBM", "cdpruner": "CDPruner", "attention_prune": "FastV",
+              "samp": "Samp / SA-MAP", "visionzip": "VisionZip", "fastadasp": "FastAdaSP",
+              "speechprune": "SpeechPrune", "segment_topk": "Segment top-K"}
+
+
+def peer_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Single-point runs of the comparison (``intervention=peer``): one row per (context, operator, layer, K)."""
+    d = _not_aux(_sel(df, intervention="peer", n_points=1))
+    return d if d.empty else d.sort_values(["context", "layer", "operator", "ratio"])
+
+
+def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
+    """Issue 13's comparison (paper Table 3 extended to the field): rows (layer, operator), columns WER (%) per
+    retention K, and the mean retention reached over those runs (``Ret. (mean)``, %); the Vanilla row on top."""
+    d = peer_runs(df)
+    d = d[d["context"] == context] if not d.empty else d
+    if d.empty:
+        return pd.DataFrame()
+    ratios = sorted({round(float(r), 3) for r in d["ratio"].dropna()}, reverse=True)
+    rows = []
+    van = vanilla_of(df, context)
+    if van:
+        rows.append({"Layer": "-", "Operator": "Vanilla", **{f"K={100 * k:g}% WER": 100 * van["wer"] for k in ratios},
+                     "Ret. (mean)": 100.0})
+    for (layer, op), g in d.groupby(["layer", "operator"], sort=True):
+        rec: dict[str, Any] = {"Layer": int(layer), "Operator": PEER_NAMES.get(op, op)}
+        for k in ratios:
+            r = _best(g[g["ratio"].astype(float).round(3) == k])
+            rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
+        rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
+        rows.append(rec)
     return pd.DataFrame(rows)
 
 

@@ -10,6 +10,7 @@ built (or the dynamics rows of :mod:`speech_redundancy.analysis`) and a path ste
 - :func:`group_strips`       Figs. 5, 9-11: merged groups per layer, word boundaries, tokens after compression
 - :func:`sensitivity_layer`  Figs. 6/8: WER and retention against threshold, one line per layer, early/deep panels
 - :func:`sensitivity_window` Fig. 7: WER and retention against threshold, one line per window, one row per layer
+- :func:`peer_comparison`    issue 13: WER against retention, one curve per operator, one panel per layer
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from speech_redundancy.experiments import OPERATOR_NAMES  # noqa: E402
+from speech_redundancy.experiments import OPERATOR_NAMES, PEER_NAMES  # noqa: E402
 
 
 def save(fig, stem: str | Path) -> list[Path]:
@@ -281,5 +282,33 @@ def group_strips(strips: list[dict[str, Any]], word_spans: list[tuple[int, int]]
     right.set_yticklabels([str(int(max(s["groups"]) + 1)) if len(s["groups"]) else "0" for s in strips])
     right.set_ylabel("tokens after compression")
     ax.set_title(title or "Merged token groups")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def peer_comparison(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla: dict | None = None) -> list[Path]:
+    """WER against the retention reached, one curve per operator (K = 90..60% as points), one panel per layer.
+    ``d``: the comparison's runs of one context (columns layer, operator, ratio, retention, wer)."""
+    layers = sorted(d["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(5.6 * len(layers), 4.2), squeeze=False, sharey=True)
+    ops = sorted(d["operator"].unique(), key=lambda o: list(PEER_NAMES).index(o) if o in PEER_NAMES else 99)
+    cmap = plt.cm.tab20(np.linspace(0, 1, max(len(ops), 1)))
+    markers = "os^vD<>pXh*P"
+    for ax, layer in zip(axes[0], layers):
+        g = d[d["layer"] == layer]
+        for i, op in enumerate(ops):
+            s = g[g["operator"] == op].sort_values("ratio")
+            if s.empty:
+                continue
+            ax.plot(_pct(s["retention"]), _pct(s["wer"]), marker=markers[i % len(markers)], color=cmap[i], ms=5,
+                    label=PEER_NAMES.get(op, op))
+        _vanilla_line(ax, vanilla, "wer")
+        ax.invert_xaxis()  # less retention to the right, as compression grows
+        ax.set_xlabel("retention (%)")
+        ax.set_title(f"layer l={int(layer)}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("WER (%)")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title or "The field at fixed retention")
     fig.tight_layout()
     return save(fig, stem)

@@ -146,13 +146,22 @@ def check_alignments(points: list[Point], utts: list, on_error: str) -> tuple[li
 def build_points(cfg: DictConfig) -> list[Point]:
     """Turn ``cfg.intervention.points`` into :class:`Point` objects, validated on construction (a run's rules: tau in
     [-1, 1]). Each entry carries the shared keys (budget, gaps, ratio, threshold, window, features); only those the
-    operator takes are kept, so one preset serves several operators."""
+    operator takes are kept, so one preset serves several operators. An entry with ``schedule: {kind, stop}``
+    (FastAdaSP's layer-by-layer merging) expands into one point per layer ``layer``..``stop``-1
+    (:func:`speech_redundancy.compress.schedule`)."""
     points = []
     for raw in cfg.intervention.points or []:
         raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw)
         try:
-            points.append(Point.parse(raw))
-        except (ValueError, TypeError) as e:
+            plan = raw.pop("schedule", None)
+            first = Point.parse(raw)
+            if plan is None:
+                points.append(first)
+                continue
+            params = dict(first.params)
+            points += ops.schedule(first.operator, first.layer, int(plan.get("stop")), params.pop("ratio"),
+                                   str(plan.get("kind", "constant")), params)
+        except (ValueError, TypeError, KeyError) as e:
             raise RunError(str(e)) from None
     return points
 

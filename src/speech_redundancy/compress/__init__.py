@@ -19,7 +19,7 @@ generator seeded by ``seed`` (:func:`seed_for`).
 
 Modules, in the order a reader meets them: ``core`` (the result, pooling, features, checks), ``affinity``
 (Algorithm 1 plain and vectorised, fixed-ratio AP), ``oracle`` (the §3.1 interventions), ``baselines`` and ``peers``
-(other methods), ``registry`` (the operator table, :class:`Point`, dispatch) and ``step`` (the per-sample step every
+(other methods), ``registry`` (the operator table, :class:`Point`, dispatch, layer schedules) and ``step`` (the per-sample step every
 adapter calls).
 """
 
@@ -40,18 +40,43 @@ from speech_redundancy.compress.core import (
     identity,
     n_kept,
     pool_groups,
+    pool_weighted,
     seed_for,
     similarity_features,
 )
 from speech_redundancy.compress.oracle import random_drop, spans_from_words, uniform_drop, uniform_merge
-from speech_redundancy.compress.peers import adjacent_merge, attention_prune, group_merge
-from speech_redundancy.compress.registry import OPERATORS, Operator, Point, compress, compress_batch, operator, validate
+from speech_redundancy.compress.peers import (
+    adjacent_merge,
+    attention_prune,
+    cdpruner,
+    dpp_greedy,
+    fastadasp,
+    group_merge,
+    ltbm,
+    samp,
+    segment_topk,
+    speechprune,
+    visionzip,
+)
+from speech_redundancy.compress.registry import (
+    OPERATORS,
+    SCHEDULES,
+    Operator,
+    Point,
+    compress,
+    compress_batch,
+    operator,
+    schedule,
+    validate,
+)
 from speech_redundancy.compress.step import Features, Record, SpanState, compress_step
 
 __all__ = [
-    "FEATURE_MODES", "GAPS", "OPERATORS", "Compressed", "Features", "Operator", "Point", "Record", "SpanState",
-    "adjacent_merge", "affinity_groups", "affinity_pool", "affinity_ratio", "algorithm1", "attention_prune",
-    "compress", "compress_batch", "compress_step", "cosine_band", "group_merge", "groups_from_band", "identity",
-    "interpolate", "n_kept", "operator", "pool_groups", "random_drop", "seed_for", "similarity_band",
-    "similarity_features", "spans_from_words", "uniform_drop", "uniform_merge", "validate",
+    "FEATURE_MODES", "GAPS", "OPERATORS", "SCHEDULES", "Compressed", "Features", "Operator", "Point", "Record",
+    "SpanState", "adjacent_merge", "affinity_groups", "affinity_pool", "affinity_ratio", "algorithm1",
+    "attention_prune", "cdpruner", "compress", "compress_batch", "compress_step", "cosine_band", "dpp_greedy",
+    "fastadasp", "group_merge", "groups_from_band", "identity", "interpolate", "ltbm", "n_kept", "operator",
+    "pool_groups", "pool_weighted", "random_drop", "samp", "schedule", "seed_for", "segment_topk",
+    "similarity_band", "similarity_features", "spans_from_words", "speechprune", "uniform_drop", "uniform_merge",
+    "validate", "visionzip",
 ]

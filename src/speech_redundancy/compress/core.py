@@ -157,6 +157,34 @@ def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     return Compressed(tokens, groups_t, positions_t)
 
 
+def pool_weighted(x: Tensor, groups: Tensor | np.ndarray, weights: Tensor | np.ndarray) -> Compressed:
+    """Like :func:`pool_groups`, but each group's token is the mean of its members weighted by ``weights`` [T]
+    (>= 0, e.g. the attention they received); a group whose weights sum to 0 takes the plain mean. Sums in float32
+    (float64 for float64 input) with ``index_add``; singletons are exact copies."""
+    base = pool_groups(x, groups)  # checks the groups; positions; plain means
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    g = g.astype(np.int64, copy=False)
+    w = weights.detach().cpu().double().numpy() if isinstance(weights, Tensor) else np.asarray(weights, np.float64)
+    if w.shape != g.shape:
+        raise ValueError(f"weights must have shape {g.shape}, got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and >= 0")
+    kept = np.flatnonzero(g >= 0)
+    n_out = base.n_out
+    if n_out == kept.size:
+        return base
+    gk = g[kept]
+    total = np.bincount(gk, weights=w[kept], minlength=n_out)
+    size = np.bincount(gk, minlength=n_out)
+    coef = np.where(total[gk] > 0, w[kept] / np.where(total[gk] > 0, total[gk], 1.0), 1.0 / size[gk])
+    acc = acc_dtype(x.dtype)
+    dev = x.device
+    rows = x.index_select(0, torch.from_numpy(kept).to(dev)).to(acc)
+    rows = rows * torch.from_numpy(coef).to(device=dev, dtype=acc).unsqueeze(1)
+    tokens = torch.zeros(n_out, x.shape[1], dtype=acc, device=dev).index_add_(0, torch.from_numpy(gk).to(dev), rows)
+    return Compressed(tokens.to(x.dtype), base.groups, base.positions)
+
+
 def identity(x: Tensor) -> Compressed:
     """No compression: every token is its own group (tokens is a copy of x)."""
     check_x(x)

@@ -1,5 +1,24 @@
-"""Peer methods as operators with the common index map: A-ToMe-style adjacent merging, Samp-style group merging and
-FastV-style attention pruning (each from its paper's description; our own code)."""
+"""Peer methods as operators with the common index map, each from its paper's public description (our own code):
+
+    adjacent_merge   A-ToMe: merge the most similar adjacent pairs to K
+    group_merge      Samp's threshold rule: join while the mean similarity to the group is >= tau
+    attention_prune  FastV: keep the K most attended tokens
+    samp             Samp / SA-MAP: similarity-and-attention merging of neighbours, then DPP pruning to exactly K
+    visionzip        VisionZip-style: dominant tokens by received attention + contextual tokens merged from the rest
+    cdpruner         CDPruner-style conditional DPP: diversity weighted by relevance to the text prompt
+    fastadasp        FastAdaSP: attention-weighted merging of the most similar adjacent tokens (keys), per layer
+    speechprune      SpeechPrune-style: speech-text similarity per ~1 s segment, then attention rank
+    segment_topk     segment-wise top-K by attention
+    ltbm             LTBM-style local temporal bipartite merging
+
+Shared rules. ``ratio`` K keeps exactly n_kept(K, T) tokens (every operator here guarantees it). Groups stay
+contiguous runs in temporal order (the common contract), so methods that merge far-apart tokens in vision
+(VisionZip's contextual tokens, ToMe's bipartite matching) are restricted to temporal neighbours here; each
+docstring says how. ``scores`` [T] are the attention each token received (the adapter says from where: the
+prompt's last token at LLM layer l-1, the utterance's frames in an encoder layer); ``query`` [Q, d] is the text
+prompt's hidden states at the same layer. Equal values favour earlier tokens. Similarities are cosines in float32
+(float64 for float64 input), 0 against a zero vector.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +30,7 @@ from speech_redundancy.compress.affinity import cosine_band
 from speech_redundancy.compress.core import (
     Compressed,
     acc_dtype,
+    check_budget,
     check_features,
     check_finite,
     check_ratio,
@@ -19,6 +39,7 @@ from speech_redundancy.compress.core import (
     empty,
     n_kept,
     pool_groups,
+    pool_weighted,
 )
 
 
@@ -74,6 +95,18 @@ def group_merge(x: Tensor, threshold: float, features: Tensor | None = None) -> 
     return pool_groups(x, np.cumsum(start) - 1)
 
 
+def _scores(scores, T: int, name: str) -> np.ndarray:
+    """``scores`` as float64 [T] on the host, checked (the operator ``name`` says what is missing)."""
+    if scores is None:
+        raise ValueError(f"{name} needs scores= ([T] attention per audio token; the adapter supplies it)")
+    s = scores.detach().double().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores, np.float64)
+    if s.shape != (T,):
+        raise ValueError(f"scores must have shape ({T},), got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or inf; all must be finite")
+    return s
+
+
 def attention_prune(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
     """FastV style: keep the n_kept(ratio, T) tokens with the highest ``scores`` [T] (the attention the
     text paid them at layer l-1), in temporal order; equal scores favour earlier tokens.
@@ -96,4 +129,320 @@ def attention_prune(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
     keep = np.sort(np.argsort(-s, kind="stable")[: n_kept(ratio, T)])
     groups = np.full(T, -1, dtype=np.int64)
     groups[keep] = np.arange(keep.size)
+    return pool_groups(x, groups)
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, in temporal order; equal values favour earlier indices."""
+    return np.sort(np.argsort(-values, kind="stable")[:k])
+
+
+def _keep(T: int, keep: np.ndarray) -> np.ndarray:
+    """Groups that keep the tokens ``keep`` (sorted) as singletons and drop the rest."""
+    groups = np.full(T, -1, dtype=np.int64)
+    groups[keep] = np.arange(keep.size)
+    return groups
+
+
+def _link(T: int, links: np.ndarray) -> np.ndarray:
+    """Groups from linked adjacent pairs: link i joins token i + 1 to token i's group."""
+    start = np.ones(T, dtype=bool)
+    start[links + 1] = False
+    return np.cumsum(start) - 1
+
+
+def _adjacent(x: Tensor, features: Tensor | None) -> np.ndarray:
+    """cos(f_t, f_{t+1}) for t = 0..T-2 (float64 on the host), with x's and the features' finiteness checks."""
+    return cosine_band(x, 1, features)[1:, 0]
+
+
+def _unit(f: Tensor) -> Tensor:
+    """Rows scaled to unit length in float32 (float64 for float64 input); zero rows stay zero."""
+    f = f.detach().to(acc_dtype(f.dtype))
+    n = torch.linalg.vector_norm(f, dim=1, keepdim=True)
+    return torch.where(n > 0, f / torch.where(n > 0, n, torch.ones((), dtype=f.dtype, device=f.device)), 0.0)
+
+
+def _allocate(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` kept tokens over segments in proportion to their sizes (largest remainders; equal
+    remainders favour earlier segments); never more than a segment holds."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.sum() == 0:
+        return sizes.copy()
+    share = total * sizes / sizes.sum()
+    out = np.minimum(np.floor(share).astype(np.int64), sizes)
+    rest = total - int(out.sum())
+    order = np.argsort(-(share - out), kind="stable")
+    for i in order:
+        if rest <= 0:
+            break
+        if out[i] < sizes[i]:
+            out[i] += 1
+            rest -= 1
+    return out
+
+
+def _segments(T: int, segment: int) -> list[np.ndarray]:
+    return [np.arange(s, min(T, s + segment)) for s in range(0, T, segment)]
+
+
+def _relevance_quality(r: np.ndarray, relevance: float) -> np.ndarray:
+    """DPP quality exp(theta * r_hat) from scores r, with r_hat = (r - min) / (max - min) in [0, 1] (0 when all
+    are equal): theta = 0 is pure diversity, larger theta favours relevant tokens."""
+    span = float(r.max() - r.min()) if r.size else 0.0
+    r_hat = (r - r.min()) / span if span > 0 else np.zeros_like(r)
+    return np.exp(float(relevance) * r_hat)
+
+
+def dpp_greedy(unit: Tensor, quality: np.ndarray, k: int) -> np.ndarray:
+    """Greedy MAP selection of ``k`` items under the DPP kernel L = diag(q) U U^T diag(q) (Chen et al., 2018:
+    incremental Cholesky, one kernel row per step). ``unit`` [N, F] unit (or zero) rows, ``quality`` [N] > 0.
+    Returns the chosen indices in selection order: each step takes the largest remaining marginal gain d_i^2
+    (equal gains favour earlier items; items whose gain is exhausted, e.g. duplicates or zero rows, come last,
+    earliest first), so exactly k are returned."""
+    N = unit.shape[0]
+    k = min(k, N)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    gram = (unit @ unit.T).double().cpu().numpy()
+    q = np.asarray(quality, dtype=np.float64)
+    kernel = gram * q[:, None] * q[None, :]
+    # gains below tol are rounding noise of the Gram matrix (float32 for float32 input): treated as exhausted (0)
+    tol = 100 * torch.finfo(unit.dtype).eps * float(q.max()) ** 2
+    # first gains: q_i^2 for unit rows (exactly, so that equal qualities tie exactly), 0 for zero rows
+    d2 = np.where(np.diag(gram) > 0.5, q * q, 0.0)
+    chol = np.zeros((k, N))
+    chosen = np.zeros(N, dtype=bool)
+    picks = np.zeros(k, dtype=np.int64)
+    for i in range(k):
+        gain = np.where(chosen, -np.inf, np.where(d2 > tol, d2, 0.0))
+        j = int(np.argmax(gain))
+        picks[i], chosen[j] = j, True
+        if d2[j] <= tol:
+            continue  # exhausted: no new direction; later picks follow the remaining gains
+        e = (kernel[j] - chol[:i, j] @ chol[:i]) / np.sqrt(d2[j])
+        chol[i] = e
+        d2 = np.clip(d2 - e * e, 0.0, None)
+    return picks
+
+
+# ------------------------------------------------------------------------------------------ the operators
+
+
+def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, relevance: float = 1.0,
+         features: Tensor | None = None) -> Compressed:
+    """Samp / SA-MAP style, to exactly T' = n_kept(ratio, T) tokens, in two stages.
+
+    1. Similarity-and-attention merging: adjacent pairs with cosine >= ``threshold`` are linked, most similar
+       first, at most T - T' links; each chain becomes the attention-weighted mean of its members (weights
+       ``scores``).
+    2. DPP pruning: of the merged tokens, T' are chosen by greedy MAP under L = diag(q) S diag(q), S the cosines of
+       the merged tokens' features, q = exp(relevance * r_hat) with r the attention a merged token gathered (sum
+       over its members). The others are dropped.
+    """
+    check_x(x)
+    ratio = check_ratio(ratio)
+    threshold = check_threshold(threshold)
+    T = x.shape[0]
+    s = _scores(scores, T, "samp")
+    if T == 0:
+        check_features(x, features)
+        return empty(x)
+    f = check_features(x, features)
+    adj = _adjacent(x, features)
+    k = n_kept(ratio, T)
+    order = np.argsort(-adj, kind="stable")
+    links = order[adj[order] >= threshold][: T - k]
+    groups = _link(T, links)
+    merged = pool_weighted(x, groups, np.clip(s, 0, None))
+    merged_f = merged.tokens if f is x else pool_weighted(f, groups, np.clip(s, 0, None)).tokens
+    n1 = merged.n_out
+    if n1 > k:
+        gathered = np.bincount(groups, weights=s, minlength=n1)
+        keep = np.sort(dpp_greedy(_unit(merged_f), _relevance_quality(gathered, relevance), k))
+        remap = np.full(n1, -1, dtype=np.int64)
+        remap[keep] = np.arange(keep.size)
+        groups = remap[groups]
+        merged = pool_weighted(x, groups, np.clip(s, 0, None))
+    return merged
+
+
+def visionzip(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
+              features: Tensor | None = None) -> Compressed:
+    """VisionZip style, to exactly T' = n_kept(ratio, T) tokens: D = round(dominant * T') (at least 1) dominant
+    tokens, those that received the most attention (``scores``), kept as they are; C = T' - D contextual tokens
+    made from the rest. In time, the rest falls into runs between dominant tokens; a contextual group stays inside
+    one run (the contiguous-group contract; VisionZip merges by similarity across the image). When there are at
+    most C runs, the most similar adjacent pairs inside runs are merged until C remain (A-ToMe inside runs); when
+    there are more, the C runs that received the most attention in total become one token each and the others are
+    dropped."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    if isinstance(dominant, bool) or not (0 <= float(dominant) <= 1):
+        raise ValueError(f"dominant must be in [0, 1], got {dominant!r}")
+    T = x.shape[0]
+    s = _scores(scores, T, "visionzip")
+    if T == 0:
+        check_features(x, features)
+        return empty(x)
+    adj = _adjacent(x, features)
+    k = n_kept(ratio, T)
+    n_dom = min(k, max(1, int(np.floor(float(dominant) * k + 0.5))))
+    n_ctx = k - n_dom
+    dom = np.zeros(T, dtype=bool)
+    dom[_top(s, n_dom)] = True
+    rest = ~dom
+    # runs of the rest: a new run starts at a rest token whose predecessor is dominant (or at t = 0)
+    run_start = rest & np.concatenate([[True], dom[:-1]])
+    run_id = np.where(rest, np.cumsum(run_start) - 1, -1)
+    n_runs = int(run_start.sum())
+    start = np.ones(T, dtype=bool)  # group starts over the kept tokens
+    keep = dom.copy()
+    if n_ctx == 0:
+        pass  # the rest is dropped
+    elif n_runs <= n_ctx:
+        keep |= rest
+        inner = np.flatnonzero(rest[:-1] & rest[1:])  # adjacent pairs inside one run
+        n_links = int(rest.sum()) - n_ctx
+        chosen = inner[np.argsort(-adj[inner], kind="stable")[:n_links]]
+        start[chosen + 1] = False
+    else:
+        mass = np.bincount(run_id[rest], weights=s[rest], minlength=n_runs)
+        kept_runs = _top(mass, n_ctx)
+        in_kept = rest & np.isin(run_id, kept_runs)
+        keep |= in_kept
+        start[np.flatnonzero(in_kept & ~run_start)] = False  # a kept run is one group
+    groups = np.where(keep, np.cumsum(start & keep) - 1, -1)
+    return pool_groups(x, groups)
+
+
+def cdpruner(x: Tensor, query: Tensor, ratio: float, relevance: float = 1.0) -> Compressed:
+    """CDPruner style conditional DPP: keep T' = n_kept(ratio, T) tokens chosen by greedy MAP under
+    L = diag(q) S diag(q), S the tokens' cosines, q = exp(relevance * r_hat), r_t the mean cosine of token t with
+    the text prompt's tokens ``query`` [Q, d] (min-max normalised to r_hat). The others are dropped."""
+    check_x(x)
+    check_finite(x)
+    ratio = check_ratio(ratio)
+    q_rows = _query(query, x, "cdpruner")
+    T = x.shape[0]
+    if T == 0:
+        return empty(x)
+    u = _unit(x)
+    r = (u @ _unit(q_rows).T).mean(dim=1).double().cpu().numpy()
+    keep = np.sort(dpp_greedy(u, _relevance_quality(r, relevance), n_kept(ratio, T)))
+    return pool_groups(x, _keep(T, keep))
+
+
+def _query(query, x: Tensor, name: str) -> Tensor:
+    if query is None:
+        raise ValueError(f"{name} needs query= ([Q, d] hidden states of the text prompt at this layer); "
+                         "only models with a text prompt supply it")
+    check_x(query, "query")
+    if query.shape[1] != x.shape[1]:
+        raise ValueError(f"query has width {query.shape[1]} but x has {x.shape[1]}; they must match")
+    if query.shape[0] == 0:
+        raise ValueError(f"{name}: the text prompt is empty (query has no tokens)")
+    check_finite(query, "query")
+    return query.to(x.device)
+
+
+def fastadasp(x: Tensor, scores: Tensor, ratio: float, features: Tensor | None = None) -> Compressed:
+    """FastAdaSP style weighted merge at one layer: link the T - T' most similar adjacent pairs (T' =
+    n_kept(ratio, T); similarity on ``features``, the layer's keys in FastAdaSP) and replace each chain by the mean
+    of its members weighted by the attention they received (``scores``). A schedule over layers is a list of such
+    points (:func:`speech_redundancy.compress.schedule`)."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    T = x.shape[0]
+    s = _scores(scores, T, "fastadasp")
+    if T == 0:
+        check_features(x, features)
+        return empty(x)
+    adj = _adjacent(x, features)
+    links = np.argsort(-adj, kind="stable")[: T - n_kept(ratio, T)]
+    return pool_weighted(x, _link(T, links), np.clip(s, 0, None))
+
+
+def speechprune(x: Tensor, query: Tensor, scores: Tensor, ratio: float, segment: int = 25) -> Compressed:
+    """SpeechPrune style two-stage pruning to T' = n_kept(ratio, T) tokens. Stage 1 removes half of the tokens to
+    prune (keeps T1 = T' + floor((T - T') / 2)): the kept count is split over segments of ``segment`` tokens
+    (about 1 s) in proportion to their size, and each segment keeps its tokens most similar to the text prompt
+    (largest cosine with any ``query`` token). Stage 2 keeps the T' of those with the highest attention
+    (``scores``, the first LLM layer's in SpeechPrune)."""
+    check_x(x)
+    check_finite(x)
+    ratio = check_ratio(ratio)
+    segment = check_budget(segment)
+    T = x.shape[0]
+    s = _scores(scores, T, "speechprune")
+    q_rows = _query(query, x, "speechprune")
+    if T == 0:
+        return empty(x)
+    k = n_kept(ratio, T)
+    sim = (_unit(x) @ _unit(q_rows).T).max(dim=1).values.double().cpu().numpy()
+    segs = _segments(T, segment)
+    counts = _allocate(np.array([len(g) for g in segs]), k + (T - k) // 2)
+    stage1 = np.sort(np.concatenate([g[_top(sim[g], c)] for g, c in zip(segs, counts)]))
+    keep = stage1[_top(s[stage1], k)]
+    return pool_groups(x, _keep(T, keep))
+
+
+def segment_topk(x: Tensor, scores: Tensor, ratio: float, segment: int = 25) -> Compressed:
+    """Segment-wise top-K: T' = n_kept(ratio, T) split over segments of ``segment`` tokens in proportion to their
+    size (largest remainders); each segment keeps its most attended tokens (``scores``)."""
+    check_x(x)
+    check_finite(x)
+    ratio = check_ratio(ratio)
+    segment = check_budget(segment)
+    T = x.shape[0]
+    s = _scores(scores, T, "segment_topk")
+    if T == 0:
+        return empty(x)
+    segs = _segments(T, segment)
+    counts = _allocate(np.array([len(g) for g in segs]), n_kept(ratio, T))
+    keep = np.sort(np.concatenate([g[_top(s[g], c)] for g, c in zip(segs, counts)]))
+    return pool_groups(x, _keep(T, keep))
+
+
+def ltbm(x: Tensor, ratio: float, features: Tensor | None = None) -> Compressed:
+    """LTBM style local temporal bipartite merging to T' = n_kept(ratio, T) tokens, in rounds. Each round splits
+    the current tokens into A (even positions) and B (odd); every A token's match is the more similar of its two
+    temporal neighbours (both in B; equal: the earlier), and the A tokens with the most similar matches (at most
+    all of them, and no more than needed) merge into them (ToMe's bipartite soft matching with the match window
+    cut to the neighbours, so groups stay contiguous). Rounds repeat until T' remain; tokens are the means of
+    their original members, similarities are measured on the merged features."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    T = x.shape[0]
+    f = check_features(x, features)
+    if T == 0:
+        return empty(x)
+    _adjacent(x, features)  # finiteness checks
+    k = n_kept(ratio, T)
+    groups = np.arange(T, dtype=np.int64)
+    cur = f
+    n = T
+    while n > k:
+        adj = _adjacent(cur, None)  # cos(c_i, c_{i+1})
+        a = np.arange(0, n, 2)
+        left = np.where(a > 0, np.concatenate([[-np.inf], adj])[a], -np.inf)  # cos(c_a, c_{a-1})
+        right = np.where(a < n - 1, np.concatenate([adj, [-np.inf]])[a], -np.inf)  # cos(c_a, c_{a+1})
+        to_left = left >= right
+        best = np.where(to_left, left, right)
+        valid = np.isfinite(best)
+        cand = a[valid]
+        order = np.argsort(-best[valid], kind="stable")[: n - k]
+        merging = cand[order]
+        target = np.where(to_left[valid][order], merging - 1, merging + 1)
+        # new index of each current token: B tokens and unmerged A tokens start groups; a merged A joins its match
+        start = np.ones(n, dtype=bool)
+        start[merging] = False
+        new_id = np.cumsum(start) - 1
+        new_id[merging] = new_id[target]
+        groups = new_id[groups]
+        n = int(new_id.max()) + 1
+        cur = pool_groups(f, groups).tokens
     return pool_groups(x, groups)

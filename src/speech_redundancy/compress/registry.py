@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -28,7 +30,9 @@ class Operator:
     """One operator: its function, the parameters a point gives it, and the per-sample inputs the step supplies.
 
     ``inputs``: "features" (similarity features; a point may then set ``features=<mode>``), "spans" (word windows,
-    with a budget), "scores" (attention per token from layer l-1), "seed" (random operators).
+    with a budget), "scores" (attention each token received, from layer l-1: the adapter needs eager attention
+    there), "query" (the text prompt's hidden states at layer l: only models with a text prompt), "seed" (random
+    operators). ``source``: the paper the operator follows.
     """
 
     fn: Callable[..., Compressed]
@@ -36,6 +40,7 @@ class Operator:
     optional: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     summary: str = ""
+    source: str = ""
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -43,26 +48,57 @@ class Operator:
         return self.required + self.optional + (("features",) if "features" in self.inputs else ())
 
 
-_ORACLE = dict(optional=("budget", "ratio", "gaps"), inputs=("spans",))
+_ORACLE = dict(optional=("budget", "ratio", "gaps"), inputs=("spans",), source="Xiang et al. 2026, §3.1")
+_PAPER = "Xiang et al. 2026"
 OPERATORS: dict[str, Operator] = {
     "none": Operator(identity, summary="no compression"),
     "random_drop": Operator(oracle.random_drop, optional=("budget", "ratio", "gaps"), inputs=("spans", "seed"),
-                            summary="oracle: keep R random tokens per word window (or K overall)"),
+                            summary="oracle: keep R random tokens per word window (or K overall)",
+                            source=_ORACLE["source"]),
     "uniform_drop": Operator(oracle.uniform_drop, **_ORACLE,
                              summary="oracle: keep R tokens at bin centres per word window (or K overall)"),
     "uniform_merge": Operator(oracle.uniform_merge, **_ORACLE,
                               summary="oracle: mean of R equal bins per word window (or K overall)"),
     "affinity": Operator(affinity.affinity_pool, required=("threshold", "window"), inputs=("features",),
-                         summary="Affinity Pooling, Algorithm 1"),
+                         summary="Affinity Pooling, Algorithm 1", source=f"{_PAPER}, Algorithm 1"),
     "affinity_ratio": Operator(affinity.affinity_ratio, required=("ratio", "window"), inputs=("features",),
-                               summary="Affinity Pooling at a fixed retention K (Table 3)"),
-    "interpolate": Operator(baselines.interpolate, required=("ratio",), summary="linear interpolation to K"),
+                               summary="Affinity Pooling at a fixed retention K (Table 3)", source=f"{_PAPER}, Table 3"),
+    "interpolate": Operator(baselines.interpolate, required=("ratio",), summary="linear interpolation to K",
+                            source=f"{_PAPER}, §5.3"),
     "adjacent_merge": Operator(peers.adjacent_merge, required=("ratio",), inputs=("features",),
-                               summary="A-ToMe: merge the most similar adjacent pairs to K"),
+                               summary="A-ToMe: merge the most similar adjacent pairs to K",
+                               source="A-ToMe (Li et al., Interspeech 2023)"),
     "group_merge": Operator(peers.group_merge, required=("threshold",), inputs=("features",),
-                            summary="Samp: join while the mean similarity to the group is >= tau"),
+                            summary="Samp: join while the mean similarity to the group is >= tau",
+                            source="Samp / SA-MAP (Tencent AngelSlim, 2026)"),
     "attention_prune": Operator(peers.attention_prune, required=("ratio",), inputs=("scores",),
-                                summary="FastV: keep the K most attended tokens (scores from layer l-1)"),
+                                summary="FastV: keep the K most attended tokens (scores from layer l-1)",
+                                source="FastV (Chen et al., ECCV 2024)"),
+    "samp": Operator(peers.samp, required=("ratio",), optional=("threshold", "relevance"),
+                     inputs=("features", "scores"),
+                     summary="Samp / SA-MAP: attention-weighted merging of similar neighbours (cos >= tau), then "
+                             "greedy DPP pruning to exactly K",
+                     source="Samp / SA-MAP (Tencent AngelSlim, 2026)"),
+    "visionzip": Operator(peers.visionzip, required=("ratio",), optional=("dominant",), inputs=("features", "scores"),
+                          summary="VisionZip-style: the most attended tokens (share `dominant` of K) kept, contextual "
+                                  "tokens merged from the rest",
+                          source="VisionZip (Yang et al., CVPR 2025)"),
+    "cdpruner": Operator(peers.cdpruner, required=("ratio",), optional=("relevance",), inputs=("query",),
+                         summary="CDPruner-style conditional DPP: diversity weighted by relevance to the text prompt",
+                         source="CDPruner (Zhang et al., 2025)"),
+    "fastadasp": Operator(peers.fastadasp, required=("ratio",), inputs=("features", "scores"),
+                          summary="FastAdaSP: attention-weighted merging of the most similar adjacent tokens (keys), "
+                                  "one layer or a schedule",
+                          source="FastAdaSP (Lu et al., EMNLP 2024 Industry)"),
+    "speechprune": Operator(peers.speechprune, required=("ratio",), optional=("segment",), inputs=("query", "scores"),
+                            summary="SpeechPrune-style: speech-text similarity per segment (~1 s), then attention rank",
+                            source="SpeechPrune (Lin et al., 2025)"),
+    "segment_topk": Operator(peers.segment_topk, required=("ratio",), optional=("segment",), inputs=("scores",),
+                             summary="segment-wise top-K by attention (K split over segments by size)",
+                             source="segment-wise top-K on the encoder output (FACTS §7; no public code)"),
+    "ltbm": Operator(peers.ltbm, required=("ratio",), inputs=("features",),
+                     summary="LTBM-style local temporal bipartite merging (neighbour matches, rounds) to K",
+                     source="LTBM (local temporal bipartite merging; FACTS §7, no public code)"),
 }
 
 
@@ -104,6 +140,17 @@ def validate(name: str, *, strict: bool = False, **params: Any) -> None:
         check_ratio(params["ratio"])
     if params.get("gaps") is not None and params["gaps"] not in GAPS:
         raise ValueError(f"gaps must be one of {GAPS}, got {params['gaps']!r}")
+    for key in ("dominant",):
+        v = params.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1):
+            raise ValueError(f"{key} must be in [0, 1], got {v!r}")
+    v = params.get("relevance")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < math.inf)):
+        raise ValueError(f"relevance must be a finite real number >= 0, got {v!r}")
+    if params.get("segment") is not None:
+        v = params["segment"]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"segment must be an integer >= 1 (tokens per segment), got {v!r}")
     if params.get("features") is not None and params["features"] not in FEATURE_MODES:
         raise ValueError(f"unknown features mode {params['features']!r}; allowed: {', '.join(FEATURE_MODES)}")
 
@@ -156,6 +203,10 @@ class Point:
     def needs_scores(self) -> bool:
         return "scores" in self.spec.inputs
 
+    @property
+    def needs_query(self) -> bool:
+        return "query" in self.spec.inputs
+
     def operator_params(self) -> dict[str, Any]:
         """The parameters handed to the operator function (the features mode is resolved by the step)."""
         return {k: v for k, v in self.params.items() if k != "features"}
@@ -174,21 +225,22 @@ def compress(
     features: Tensor | str | None = None,
     spans=None,
     scores: Tensor | None = None,
+    query: Tensor | None = None,
     seed: int | None = None,
     **params: Any,
 ) -> Compressed:
     """Apply operator ``name`` with ``params`` to one sequence x [T, d].
 
     ``features`` (a tensor, or the mode "hidden"/"centered") is used by operators that measure similarity,
-    ``spans`` by the oracle operators with a budget, ``scores`` by attention_prune, ``seed`` by random_drop;
-    operators ignore the inputs they do not take.
+    ``spans`` by the oracle operators with a budget, ``scores`` [T] by the attention-scored ones, ``query`` [Q, d]
+    by the prompt-aware ones, ``seed`` by random_drop; operators ignore the inputs they do not take.
     """
     validate(name, **params)
-    return apply(OPERATORS[name], x, params, features=features, spans=spans, scores=scores, seed=seed)
+    return apply(OPERATORS[name], x, params, features=features, spans=spans, scores=scores, query=query, seed=seed)
 
 
 def apply(op: Operator, x: Tensor, params: Mapping[str, Any], *, features=None, spans=None, scores=None,
-          seed=None) -> Compressed:
+          query=None, seed=None) -> Compressed:
     """Call ``op`` with already valid ``params``, handing it only the per-sample inputs it takes."""
     kwargs: dict[str, Any] = {}
     if "features" in op.inputs:
@@ -197,6 +249,8 @@ def apply(op: Operator, x: Tensor, params: Mapping[str, Any], *, features=None, 
         kwargs["spans"] = spans if params.get("budget") is not None else None
     if "scores" in op.inputs:
         kwargs["scores"] = scores
+    if "query" in op.inputs:
+        kwargs["query"] = query
     if "seed" in op.inputs:
         kwargs["seed"] = seed
     return op.fn(x, **kwargs, **params)
@@ -211,13 +265,14 @@ def compress_batch(
     scores: Tensor | None = None,
     seeds: list[int] | None = None,
     features: Tensor | str | None = None,
+    queries: list[Tensor] | None = None,
     **params: Any,
 ) -> Compressed:
     """:func:`compress` over a padded batch x [B, T, d] whose real tokens are ``mask`` [B, T] (bool).
 
     Sample b is x[b][mask[b]]; its result equals (torch.equal) the single call on that sample. Returns tokens
     [B, T'max, d] (zeros at padding), groups [B, T] (-1 at padding), positions [B, T'max] (indices within the
-    sample, -1 at padding) and mask [B, T'max]. ``spans`` and ``seeds`` are per-sample lists; ``scores`` and
+    sample, -1 at padding) and mask [B, T'max]. ``spans``, ``seeds`` and ``queries`` are per-sample lists; ``scores`` and
     ``features`` are [B, T] / [B, T, F] (or a features mode, applied per sample).
     """
     validate(name, **params)
@@ -230,6 +285,8 @@ def compress_batch(
         raise ValueError(f"{name} needs seeds= (one int per sample, {B} in all)")
     if spans is not None and len(spans) != B:
         raise ValueError(f"spans must be a list of {B} per-sample spans, got {len(spans)}")
+    if queries is not None and len(queries) != B:
+        raise ValueError(f"queries must be a list of {B} per-sample [Q, d] tensors, got {len(queries)}")
     rows = [mask[b].nonzero().squeeze(1) for b in range(B)]
 
     def take(t: Tensor | str | None, b: int) -> Tensor | str | None:
@@ -237,7 +294,8 @@ def compress_batch(
 
     results = [
         compress(take(x, b), name, features=take(features, b), scores=take(scores, b),
-                 spans=None if spans is None else spans[b], seed=None if seeds is None else seeds[b], **params)
+                 spans=None if spans is None else spans[b], seed=None if seeds is None else seeds[b],
+                 query=None if queries is None else queries[b], **params)
         for b in range(B)
     ]
     n_max = max([r.n_out for r in results], default=0)
@@ -252,3 +310,30 @@ def compress_batch(
         out_mask[b, :n] = True
         groups[b].index_copy_(0, rows[b], r.groups)
     return Compressed(tokens, groups, positions, out_mask)
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+
+SCHEDULES = ("constant", "decay")
+
+
+def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str = "constant",
+             params: Mapping[str, Any] | None = None) -> list[Point]:
+    """One point per layer start..stop-1 (FastAdaSP's layer-by-layer merging), each keeping a fraction of the
+    tokens entering it: ``constant`` keeps ``ratio`` at every layer; ``decay`` removes a share that falls linearly,
+    1 - ratio at ``start`` to (1 - ratio) / n at the last of the n layers (layer i keeps
+    1 - (1 - ratio) (n - i) / n). Layers that would keep everything are left out. ``params``: the operator's other
+    parameters, the same at every layer."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule kind={kind!r} is not allowed; use one of {', '.join(SCHEDULES)}")
+    ratio = check_ratio(ratio)
+    if isinstance(start, bool) or isinstance(stop, bool) or not (0 <= int(start) < int(stop)):
+        raise ValueError(f"a schedule needs 0 <= start < stop, got start={start!r}, stop={stop!r}")
+    n = int(stop) - int(start)
+    points = []
+    for i in range(n):
+        keep = ratio if kind == "constant" else round(1 - (1 - ratio) * (n - i) / n, 6)
+        if keep < 1:
+            points.append(Point(int(start) + i, operator_name, {**dict(params or {}), "ratio": keep}, strict=True))
+    return points

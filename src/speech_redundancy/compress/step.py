@@ -76,10 +76,11 @@ class Features:
 
 
 def compress_step(x: Tensor, point: Point, state: SpanState, *, features: Features = Features(),
-                  scores: Tensor | None = None) -> tuple[Compressed, SpanState]:
+                  scores: Tensor | None = None, query: Tensor | None = None) -> tuple[Compressed, SpanState]:
     """Apply ``point`` to one sample's audio tokens ``x`` [T, d]; return the result and the state after it.
 
-    ``scores`` [T]: attention per token from layer l-1, for operators that take it.
+    ``scores`` [T]: attention each token received at layer l-1; ``query`` [Q, d]: the text prompt's hidden states
+    at layer l; each for the operators that take it (the adapter supplies them).
     """
     t0 = time.perf_counter()
     spec = point.spec
@@ -90,7 +91,8 @@ def compress_step(x: Tensor, point: Point, state: SpanState, *, features: Featur
             raise ValueError(f"operator={point.operator} with a budget needs word windows (align the data first)")
         # word windows over the original tokens -> windows over the current ones (earlier points may have merged)
         spans = torch.searchsorted(state.origin, state.words.to(state.origin.device).contiguous())
-    out = apply(spec, x, point.operator_params(), features=feats, spans=spans, scores=scores, seed=state.seed)
+    out = apply(spec, x, point.operator_params(), features=feats, spans=spans, scores=scores, query=query,
+                seed=state.seed)
     rec = state.record
     record = replace(rec, tokens_per_point=rec.tokens_per_point + (out.n_out,),
                      groups=rec.groups + (tuple(out.groups.tolist()),),

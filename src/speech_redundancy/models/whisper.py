@@ -3,7 +3,13 @@
 Hooks (removed after every utterance):
 - layer l < n_layers: a forward pre-hook on ``model.model.encoder.layers[l]`` replaces that layer's input;
 - layer l = n_layers: a forward hook on the encoder's final ``layer_norm`` replaces the output the decoder reads.
-Layer 0 is the input of the first encoder layer (after the conv stem and the sinusoidal positions).
+Layer 0 is the input of the first encoder layer (after the conv stem and the sinusoidal positions); layer
+n_layers is the encoder output (after the final layer norm), the faithful stand-in for an LLM's input point l = 0
+(Qwen2-Audio's l = 0 is the projector applied to the audio encoder's output).
+
+Operators scored by attention (``scores``) get, per utterance frame, the attention it received at encoder layer
+l-1 (mean over heads and over the utterance's frames as queries): this needs ``model.attn_implementation=eager``
+and l >= 1. Whisper has no text prompt, so operators that need one (``query``: cdpruner, speechprune) are refused.
 
 Sequence length and Whisper's decoder. The encoder always sees a 30 s window (1500 frames at 50/s). Only the
 utterance's frames, the first ceil(50 x duration), are compressed; with ``padding="keep"`` (default) the padding
@@ -46,6 +52,10 @@ class WhisperModel:
         self.max_frames = self.encoder.config.max_source_positions
         self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
 
+    @property
+    def attn_implementation(self) -> str:
+        return str(getattr(self.encoder.config, "_attn_implementation", None) or "eager")
+
     # ------------------------------------------------------------------ checks
     def check_points(self, points: list[Point]) -> None:
         """Raise a one-line error for a point this model cannot take (before any compute)."""
@@ -58,6 +68,17 @@ class WhisperModel:
                 )
             if p.features == "keys" and p.layer == self.n_layers:
                 raise ValueError(f"features=keys needs an attention layer; layer={p.layer} is the encoder output")
+            if p.needs_query:
+                raise ValueError(f"operator={p.operator} needs a text prompt (the query it ranks tokens against); "
+                                 f"{self.name} has none: use it with a speech LLM (e.g. model=qwen2audio)")
+            if p.needs_scores:
+                if p.layer == 0:
+                    raise ValueError(f"operator={p.operator} scores frames by attention at encoder layer l-1; "
+                                     "layer=0 has none: use layer >= 1")
+                if self.attn_implementation != "eager":
+                    raise ValueError(f"operator={p.operator} needs attention weights at encoder layer {p.layer - 1}, "
+                                     f"which attn_implementation={self.attn_implementation!r} does not return; set "
+                                     "model.attn_implementation=eager")
         if layers != sorted(set(layers)):
             raise ValueError(f"compression layers must be distinct and increasing, got {layers}")
 
@@ -129,27 +150,40 @@ class WhisperModel:
     # ------------------------------------------------------------------- hooks
     def _install(self, points: list[Point], state: list[SpanState]) -> list:
         handles = []
+        scores: dict[int, torch.Tensor] = {}  # layer l -> attention received per utterance frame at layer l-1
+        for point in points:
+            if point.needs_scores:
+                def keep_scores(module, args, output, layer=point.layer):
+                    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                    if weights is None:
+                        raise ValueError("attention weights are missing: scores need model.attn_implementation=eager")
+                    n = len(state[0].origin)  # the utterance frames (the padding frames follow them)
+                    scores[layer] = weights[0, :, :n, :n].float().mean(dim=(0, 1))
+
+                attn = self.encoder.layers[point.layer - 1].self_attn
+                handles.append(attn.register_forward_hook(keep_scores))
         for point in points:
             if point.layer < self.n_layers:
                 layer = self.encoder.layers[point.layer]
                 feats = Features(norm=layer.self_attn_layer_norm, key_proj=layer.self_attn.k_proj)
 
                 def pre_hook(module, args, kwargs, point=point, feats=feats):
-                    return (self._apply(args[0], point, state, feats), *args[1:]), kwargs
+                    return (self._apply(args[0], point, state, feats, scores.get(point.layer)), *args[1:]), kwargs
 
                 handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:  # the encoder output, already layer-normed: "normed" features are the hidden states
 
                 def post_hook(module, args, output, point=point):
-                    return self._apply(output, point, state, Features())
+                    return self._apply(output, point, state, Features(), scores.get(point.layer))
 
                 handles.append(self.encoder.layer_norm.register_forward_hook(post_hook))
         return handles
 
-    def _apply(self, hidden: torch.Tensor, point: Point, state: list[SpanState], feats: Features) -> torch.Tensor:
+    def _apply(self, hidden: torch.Tensor, point: Point, state: list[SpanState], feats: Features,
+               scores: torch.Tensor | None = None) -> torch.Tensor:
         """Compress the utterance frames of ``hidden`` [1, L, d] at one point; keep or drop the padding frames."""
         n = len(state[0].origin)
-        out, state[0] = compress_step(hidden[0, :n], point, state[0], features=feats)
+        out, state[0] = compress_step(hidden[0, :n], point, state[0], features=feats, scores=scores)
         rest = hidden[0, n:] if self.padding == "keep" else hidden[0, :0]
         return torch.cat([out.tokens, rest], dim=0).unsqueeze(0)
 
