@@ -51,8 +51,9 @@ Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastad
 per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
 attention at layer l-1 (refused otherwise). At l = 0 there is no layer l-1: a model whose adapter gives
 ``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio: attention received in its audio encoder's last layer)
-scores the input from its audio encoder instead, and the others refuse such a point. Operators needing a ``query`` (cdpruner, speechprune) get the hidden
-states entering layer l of the sample's text tokens after its audio (all its text tokens when none follow).
+scores the input from its audio encoder instead, and the others refuse such a point. Operators needing a ``query``
+(cdpruner, speechprune) get the hidden states entering layer l of the sample's text tokens after its audio (all its
+text tokens when none follow).
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "fir
             )
         if p.needs_scores:
             if p.layer == 0 and reach.input_scores is None:
-                raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has none "
-                                       f"on {reach.name} (no audio-encoder scores)")
+                raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has "
+                                       f"none on {reach.name} (no audio-encoder scores)")
             if p.layer == 0 and reach.input_scores.implementation() != "eager":
                 raise CompressionError(
                     f"operator={p.operator} at layer=0 needs the audio encoder's attention weights, which "
