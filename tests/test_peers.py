@@ -634,8 +634,9 @@ def test_llm_engine_refuses_attention_operators_without_eager(tiny_qwen):
     for op in ("samp", "visionzip", "fastadasp", "speechprune", "segment_topk"):
         with pytest.raises(CompressionError, match=f"operator={op} needs attention weights.*attn_implementation=eager"):
             tiny_qwen["sdpa"].check_points([Point(2, op, {"ratio": 0.5})])
-        with pytest.raises(CompressionError, match=f"operator={op} scores tokens by attention at layer l-1; layer=0"):
-            tiny_qwen["eager"].check_points([Point(0, op, {"ratio": 0.5})])
+        with pytest.raises(CompressionError, match=f"operator={op} at layer=0 needs the audio encoder's attention"):
+            tiny_qwen["sdpa"].check_points([Point(0, op, {"ratio": 0.5})])
+        tiny_qwen["eager"].check_points([Point(0, op, {"ratio": 0.5})])  # scored by the audio encoder there
     tiny_qwen["sdpa"].check_points([Point(0, "cdpruner", {"ratio": 0.5}), Point(1, "ltbm", {"ratio": 0.5})])
 
 

@@ -49,8 +49,11 @@ time: elsewhere on a GPU the hooks only queue small kernels).
 
 Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
 per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
-attention at layer l-1 (refused otherwise). Operators needing a ``query`` (cdpruner, speechprune) get the hidden
-states entering layer l of the sample's text tokens after its audio (all its text tokens when none follow).
+attention at layer l-1 (refused otherwise). At l = 0 there is no layer l-1: a model whose adapter gives
+``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio: attention received in its audio encoder's last layer)
+scores the input from its audio encoder instead, and the others refuse such a point. Operators needing a ``query``
+(cdpruner, speechprune) get the hidden states entering layer l of the sample's text tokens after its audio (all its
+text tokens when none follow).
 """
 
 from __future__ import annotations
@@ -87,6 +90,23 @@ def placeholder_finder(token_id: int) -> Callable[[tuple, dict], Tensor | None]:
 
 
 @dataclass
+class InputScores:
+    """Attention scores for points at l = 0 (the LLM has no layer l-1 there), from the model's audio encoder.
+
+    ``attention`` is the encoder attention module whose forward output[1] holds its weights [N, H, Tq, Tk] (N
+    encoder inputs, e.g. 30 s windows; eager attention only); ``to_slots(weights, kwargs)`` turns them, with the
+    top forward's keyword arguments, into one score per audio slot of the batch, in the order the slots have in
+    the batch row by row (the order the model's own masked_scatter fills them). ``implementation()`` is that
+    encoder's attention implementation now; ``setting`` what to change when it is not eager.
+    """
+
+    attention: nn.Module
+    to_slots: Callable[[Tensor, dict], Tensor]
+    implementation: Callable[[], str]
+    setting: str = "model.attn_implementation=eager"
+
+
+@dataclass
 class Reach:
     """Where one loaded model keeps what the engine touches. Built by the model family's adapter."""
 
@@ -100,6 +120,7 @@ class Reach:
     key_proj: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn.k_proj
     attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
     name: str = "model"
+    input_scores: InputScores | None = None  # scores at l = 0 from the audio encoder; None: such points refused
 
     @property
     def n_layers(self) -> int:
@@ -132,9 +153,16 @@ def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "fir
                 "(0 = the input embeddings)"
             )
         if p.needs_scores:
-            if p.layer == 0:
-                raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has none")
-            if reach.attn_implementation != "eager":
+            if p.layer == 0 and reach.input_scores is None:
+                raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has "
+                                       f"none on {reach.name} (no audio-encoder scores)")
+            if p.layer == 0 and reach.input_scores.implementation() != "eager":
+                raise CompressionError(
+                    f"operator={p.operator} at layer=0 needs the audio encoder's attention weights, which "
+                    f"attn_implementation={reach.input_scores.implementation()!r} does not return; set "
+                    f"{reach.input_scores.setting}"
+                )
+            if p.layer > 0 and reach.attn_implementation != "eager":
                 raise CompressionError(
                     f"operator={p.operator} needs attention weights at layer {p.layer - 1}, which "
                     f"attn_implementation={reach.attn_implementation!r} does not return; load the model with "
@@ -175,6 +203,7 @@ class Prefill:
     override: dict[str, dict] | None = None  # per layer type: kwargs for every layer from the last point on
     scores: dict = field(default_factory=dict)  # attention module -> [B, T] scores of the last query
     last_pos: Tensor | None = None  # [B, 1] the last position fed so far
+    inputs: dict = field(default_factory=dict)  # the top forward's keyword arguments (for InputScores.to_slots)
 
 
 @dataclass
@@ -224,7 +253,9 @@ class Session:
         for i, layer in enumerate(r.layers):
             self._handles.append(layer.register_forward_pre_hook(self._timed(self._layer_hook(i)), with_kwargs=True))
         for p in self.points:
-            if p.needs_scores:
+            if p.needs_scores and p.layer == 0:
+                self._handles.append(r.input_scores.attention.register_forward_hook(self._input_scores_hook))
+            elif p.needs_scores:
                 self._handles.append(r.attention(r.layers[p.layer - 1]).register_forward_hook(self._scores_hook))
 
     def remove(self) -> None:
@@ -257,7 +288,7 @@ class Session:
         audio = self.reach.find_audio(args, kwargs)
         if audio is not None and bool(audio.any()):
             self.phase = "prefill"
-            self.prefill = Prefill(audio=audio, spans=[])
+            self.prefill = Prefill(audio=audio, spans=[], inputs=kwargs)
             self.prefills += 1
             self.point_seconds, self.engine_seconds = {}, 0.0
             device = next(module.parameters()).device
@@ -350,6 +381,27 @@ class Session:
             self.prefill.scores[module] = weights[:, :, -1, :].float().mean(1)
         return None
 
+    def _input_scores_hook(self, module, args, output):
+        if self.phase == "prefill":
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise CompressionError(f"audio encoder attention weights are missing: scores at layer=0 need "
+                                       f"{self.reach.input_scores.setting}")
+            st = self.prefill
+            flat = self.reach.input_scores.to_slots(weights, st.inputs)
+            audio = st.audio.to(flat.device)
+            if flat.numel() != int(audio.sum()):
+                raise CompressionError(f"{self.reach.name}: {flat.numel()} audio-encoder scores for "
+                                       f"{int(audio.sum())} audio slots")
+            full = torch.zeros(audio.shape, dtype=torch.float32, device=flat.device)
+            full[audio] = flat.float()  # row by row, as the slots are filled
+            st.scores[module] = full
+        return None
+
+    def _scores_module(self, i: int) -> nn.Module:
+        """The attention module whose scores a point at layer i reads (l = 0: the audio encoder's)."""
+        return self.reach.input_scores.attention if i == 0 else self.reach.attention(self.reach.layers[i - 1])
+
     # -------------------------------------------------------------- prefill: one point
     def _compress(self, i: int, point: Point, hidden: Tensor) -> Tensor:
         st = self.prefill
@@ -360,7 +412,12 @@ class Session:
         t_batch = time.perf_counter()
         B, T, _ = hidden.shape
         features = self.reach.features(i)
-        scores = st.scores.get(self.reach.attention(self.reach.layers[i - 1])) if point.needs_scores else None
+        scores = st.scores.get(self._scores_module(i)) if point.needs_scores else None
+        if point.needs_scores and scores is None:
+            raise CompressionError(f"operator={point.operator} at layer={i}: no attention scores were captured in "
+                                   "this prefill")
+        if scores is not None:
+            scores = scores.to(device)
         all_real = torch.ones(T, dtype=torch.bool, device=device)
         plans, tokens, step_seconds = [], [], []
         for b in range(B):

@@ -15,7 +15,8 @@ Shared rules. ``ratio`` K keeps exactly n_kept(K, T) tokens (every operator here
 contiguous runs in temporal order (the common contract), so methods that merge far-apart tokens in vision
 (VisionZip's contextual tokens, ToMe's bipartite matching) are restricted to temporal neighbours here; each
 docstring says how. ``scores`` [T] are the attention each token received (the adapter says from where: the
-prompt's last token at LLM layer l-1, the utterance's frames in an encoder layer); ``query`` [Q, d] is the text
+prompt's last token at LLM layer l-1, the utterance's frames in an encoder layer, at l = 0 Qwen2-Audio's audio
+encoder); ``query`` [Q, d] is the text
 prompt's hidden states at the same layer. Equal values favour earlier tokens. Similarities are cosines in float32
 (float64 for float64 input), 0 against a zero vector.
 """

@@ -30,8 +30,8 @@ class Operator:
     """One operator: its function, the parameters a point gives it, and the per-sample inputs the step supplies.
 
     ``inputs``: "features" (similarity features; a point may then set ``features=<mode>``), "spans" (word windows,
-    with a budget), "scores" (attention each token received, from layer l-1: the adapter needs eager attention
-    there), "query" (the text prompt's hidden states at layer l: only models with a text prompt), "seed" (random
+    with a budget), "scores" (attention each token received, from layer l-1, or at l = 0 from the audio encoder where
+    the adapter has one: the adapter needs eager attention there), "query" (the text prompt's hidden states at layer l: only models with a text prompt), "seed" (random
     operators). ``source``: the paper the operator follows.
     """
 

@@ -12,6 +12,13 @@ shorter) whose placeholders fill ONE audio span ``<|audio_bos|><|AUDIO|>...<|AUD
 windows' features into that span in order, so word windows map at 25 tokens/s across the whole clip and retention
 counts the real audio tokens of all windows. The limit is the LLM's context (``max_position_embeddings``).
 
+Attention scores at l = 0 (``Reach.input_scores``, :func:`encoder_scores`): the LLM's input has no layer l-1, so
+attention-scored operators there read the audio encoder's last layer, as SA-MAP / VisionZip-style methods score
+their input: per audio token, the attention its two encoder positions received (mean over heads, then over the
+window's real query positions; padding positions left out), averaged over the pair as the tower's stride-2
+average pool merges them; per window, then the windows in order. Needs the tower's attention eager
+(``model.attn_implementation=eager`` sets the tower's and the LLM's).
+
 ``conf/model/tiny_qwen2audio.yaml`` builds a random tiny model instead (no download): a 2-layer tower and a 4-layer
 Qwen2 LLM, with a byte-level tokenizer built here (256 byte tokens + Qwen2-Audio's special tokens) and the real
 Whisper feature extractor (128 mels), so the processor, prompts and generate run the same code path as the 7B.
@@ -27,6 +34,7 @@ import torch
 from speech_redundancy import efficiency
 from speech_redundancy.audio import SAMPLE_RATE
 from speech_redundancy.compress import Point
+from speech_redundancy.engine import InputScores
 from speech_redundancy.models import lslm
 from speech_redundancy.models.base import Request
 from speech_redundancy.models.hf_audio_llm import HFAudioLLM
@@ -41,8 +49,29 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_BOS, AUDI
 
 
 def reach(model):
-    """Where Qwen2-Audio keeps what the engine touches."""
-    return lslm.stock_reach(model, "Qwen2-Audio")
+    """Where Qwen2-Audio keeps what the engine touches (with audio-encoder scores for points at l = 0)."""
+    out = lslm.stock_reach(model, "Qwen2-Audio")
+    out.input_scores = encoder_scores(model)
+    return out
+
+
+def encoder_scores(model) -> InputScores:
+    """Scores at l = 0 from the last layer of Qwen2-Audio's audio tower (module docstring)."""
+    tower = model.model.audio_tower
+    attention = tower.layers[-1].self_attn
+
+    def to_slots(weights, kwargs):
+        # weights [N windows, H, 1500, 1500]; a window's real encoder positions and audio tokens as the stock model
+        # counts them from its mel frames (conv stride 2, then average pool 2)
+        positions, tokens = tower._get_feat_extract_output_lengths(kwargs["feature_attention_mask"].sum(-1))
+        parts = []
+        for w, n, t in zip(weights, positions.tolist(), tokens.tolist()):
+            received = w[:, :n, :n].float().mean(dim=(0, 1))  # [n]: mean over heads and the real query positions
+            parts.append(received[: 2 * t].view(t, 2).mean(1))  # the pool's pairs
+        return torch.cat(parts)
+
+    return InputScores(attention=attention, to_slots=to_slots,
+                       implementation=lambda: str(attention.config._attn_implementation or "eager"))
 
 
 def audio_tokens_for(n_samples: int) -> int:
@@ -68,6 +97,7 @@ class Qwen2AudioModel(HFAudioLLM):
                  chat: bool = False, **options):
         super().__init__(model, processor, name=name, token_rate=TOKEN_RATE, prompt_family=prompt_family, **options)
         self.reach.name = "Qwen2-Audio"
+        self.reach.input_scores = encoder_scores(model)
         self.chat = chat
         self.encoder_shape = efficiency.WhisperEncoderShape.from_qwen2audio(model.config)
         self.processor.tokenizer.padding_side = "left"
