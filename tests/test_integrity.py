@@ -133,7 +133,10 @@ def cli(tmp_path: Path, *args: str, env: dict | None = None, wait: bool = True):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SR_OUTPUTS": str(tmp_path / "outputs"), **(env or {})}
     cmd = [sys.executable, str(script), *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT back to its default in the child: a shell's background job (`make test &`, nohup) starts with SIGINT
+        # ignored, and Python then raises no KeyboardInterrupt, so the Ctrl-C below would go unseen
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
 
 
