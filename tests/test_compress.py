@@ -261,15 +261,17 @@ def test_zero_vectors_have_cosine_zero():
 
 
 def ref_units(spans, T, gaps):
-    units, pos = [], 0
-    for a, b in spans:
-        if a > pos:
-            units.append((pos, a, gaps == "unit"))
-        units.append((a, b, True))
-        pos = b
-    if pos < T:
-        units.append((pos, T, gaps == "unit"))
-    return units
+    """Label every token with the word it lies in (None between words); each run of one label is a unit."""
+    label = [None] * T
+    for k, (a, b) in enumerate(spans):
+        label[a:b] = [k] * (b - a)
+    units = []
+    for t in range(T):
+        if t == 0 or label[t] != label[t - 1]:
+            units.append([t, t + 1, label[t] is not None or gaps == "unit"])
+        else:
+            units[-1][1] = t + 1
+    return [tuple(u) for u in units]
 
 
 def ref_oracle(T, spans, budget, gaps, kind):
