@@ -46,7 +46,6 @@ input hidden states to the re-assembled batch with its positions, RoPE and masks
 on a GPU), and ``session.engine_seconds`` the time spent in all of the engine's prefill hooks, points included (host
 time: elsewhere on a GPU the hooks only queue small kernels).
 
-
 Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
 per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
 attention at layer l-1 (refused otherwise). At l = 0 there is no layer l-1: a model whose adapter gives
