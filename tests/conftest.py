@@ -27,6 +27,18 @@ def whisper_tiny():
     return load_whisper("whisper-tiny.en")
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    """attn implementation ("sdpa", "eager") -> adapter over one random tiny Qwen2-Audio (same weights for both)."""
+    from speech_redundancy.models import qwen2audio as q
+
+    out = {}
+    for attn in ("sdpa", "eager"):
+        model, processor = q.build_tiny(seed=0, attn_implementation=attn)
+        out[attn] = q.Qwen2AudioModel(model, processor, name=f"tiny-{attn}")
+    return out
+
+
 def compose(overrides: list[str]):
     """The run config exactly as ``python run.py <overrides>`` would build it."""
     from hydra import compose as hydra_compose

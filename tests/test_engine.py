@@ -36,13 +36,9 @@ def _request(uid: str, seconds: float, seed: int) -> Request:
 
 
 @pytest.fixture(scope="session")
-def tiny():
-    """attn implementation -> adapter over one random tiny Qwen2-Audio (same weights for both)."""
-    out = {}
-    for attn in ("sdpa", "eager"):
-        model, processor = q.build_tiny(seed=0, attn_implementation=attn)
-        out[attn] = q.Qwen2AudioModel(model, processor, name=f"tiny-{attn}")
-    return out
+def tiny(tiny_qwen):
+    """attn implementation -> adapter over one random tiny Qwen2-Audio (conftest.tiny_qwen)."""
+    return tiny_qwen
 
 
 @pytest.fixture(scope="session")

@@ -16,17 +16,13 @@ from speech_redundancy.compress import Point, n_kept, seed_for
 from speech_redundancy.data.records import Utterance
 from speech_redundancy.engine import CompressionError, check_points
 from speech_redundancy.models import lslm
-from speech_redundancy.models import qwen2audio as q
 from speech_redundancy.models.base import Request
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for attn in ("sdpa", "eager"):
-        model, processor = q.build_tiny(seed=0, attn_implementation=attn)
-        out[attn] = q.Qwen2AudioModel(model, processor, name=f"tiny-{attn}")
-    return out
+@pytest.fixture(scope="session")
+def tiny(tiny_qwen):
+    """attn implementation -> adapter over one random tiny Qwen2-Audio (conftest.tiny_qwen)."""
+    return tiny_qwen
 
 
 def _request(uid: str, seconds: float, seed: int) -> Request:

@@ -574,17 +574,6 @@ def test_whisper_refuses_before_compute(whisper_tiny, whisper_eager):
 
 
 # ------------------------------------------------------------------------------------------ the LLM engine
-@pytest.fixture(scope="module")
-def tiny_qwen():
-    from speech_redundancy.models import qwen2audio as q
-
-    out = {}
-    for attn in ("sdpa", "eager"):
-        model, processor = q.build_tiny(seed=0, attn_implementation=attn)
-        out[attn] = q.Qwen2AudioModel(model, processor, name=f"tiny-{attn}")
-    return out
-
-
 def _llm_request(uid: str, seconds: float):
     from speech_redundancy.compress import seed_for
     from speech_redundancy.data.records import Utterance
