@@ -249,10 +249,9 @@ def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, releva
     threshold = check_threshold(threshold)
     T = x.shape[0]
     s = _scores(scores, T, "samp")
-    if T == 0:
-        check_features(x, features)
-        return empty(x)
     f = check_features(x, features)
+    if T == 0:
+        return empty(x)
     adj = _adjacent(x, features)
     k = n_kept(ratio, T)
     order = np.argsort(-adj, kind="stable")
