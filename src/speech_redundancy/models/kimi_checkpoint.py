@@ -2,8 +2,8 @@
 and its weights loaded into stock modules (``Qwen2ForCausalLM``, ``WhisperEncoder``) by the shard index. Changes
 nothing in transformers. Also writes a random tiny checkpoint in the same layout (``write_tiny``).
 
-Layout of moonshotai/Kimi-Audio-7B-Instruct (verified from the public loaders listed in README.md; the weights
-themselves were never opened here):
+Layout of moonshotai/Kimi-Audio-7B-Instruct (from public sources, recorded with them in
+tests/fixtures/layouts/kimi_*.json; the weights themselves were never opened here):
 
 - ``config.json``: ``architectures: ["MoonshotKimiaForCausalLM"]``, Qwen2 fields (hidden 3584, 28 layers, 28 heads,
   4 KV heads, FFN 18944, vocab 168448, max_position_embeddings 8192, rms_norm_eps 1e-6, ``rope_theta``) and the
@@ -14,7 +14,8 @@ themselves were never opened here):
   and ``model-36-of-36.safetensors``: read by the index, never by name); 453 tensors: the stock Qwen2 names
   (``model.embed_tokens``, ``model.layers.N.*``, ``model.norm``, ``lm_head``), ``model.vq_adaptor.layers.{0,3,4}.*``,
   the MIMO branch (``model.mimo_layers.N.*``, ``model.mimo_norm``, ``mimo_output``) and one stored
-  ``self_attn.rotary_emb.inv_freq`` per layer of both stacks (28 + 6).
+  ``self_attn.rotary_emb.inv_freq`` per layer of both stacks (28 + 6); all bf16 (the index's total_size, 19532673280
+  bytes, adds up only so).
 - ``tiktoken.model`` (base64 token and rank per line, 151643 base tokens) and ``tokenizer_config.json`` (its
   ``added_tokens_decoder`` names the special ids).
 - ``whisper-large-v3/``: ``config.json``, ``model.safetensors`` (a whole WhisperForConditionalGeneration:
@@ -55,7 +56,8 @@ QWEN2_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "rope_theta")
 IGNORED = re.compile(r"^(model\.(mimo_)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
                      r"|model\.mimo_layers\.|model\.mimo_norm\.|mimo_output\.)")
-ADAPTOR_PREFIX = "model.vq_adaptor."
+ADAPTOR_PREFIX = "model.vq_adaptor.layers."  # the official VQAdaptor keeps its modules in a ``layers`` Sequential
+OLD_ADAPTOR = re.compile(r"^model\.vq_adaptor\.\d+\.")  # this project's names before issue 18: refused, named
 
 
 def download_hint(what: str = "the Kimi-Audio checkpoint") -> str:
@@ -186,6 +188,11 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> No
 def split_keys(weight_map: dict[str, str], backbone_keys: set[str]) -> tuple[dict, dict, list[str], list[str]]:
     """Sort the index's tensors: (backbone names by shard, adaptor names by shard, ignored, unexpected)."""
     backbone, adaptor, ignored, unexpected = {}, {}, [], []
+    old = sorted(n for n in weight_map if OLD_ADAPTOR.match(n))
+    if old:
+        raise ValueError(f"{old[0]}: the VQ adaptor under this project's old names (model.vq_adaptor.N.*); the official "
+                         f"checkpoint names it {ADAPTOR_PREFIX}N.* (a tiny folder written before that fix: delete it "
+                         "and it is rebuilt)")
     for name, shard in weight_map.items():
         if name in backbone_keys:
             backbone.setdefault(shard, []).append(name)
@@ -217,7 +224,7 @@ def load_backbone(folder: Path, config: KimiConfig, *, dtype: torch.dtype, devic
     load_device = str(device) if device.type == "cuda" else "cpu"
     _assign(backbone, _read_shards(folder, by_shard, dtype, load_device), f"{folder}: text backbone")
     state = _read_shards(folder, adaptor_shards, dtype, load_device)
-    _assign(adaptor, {k[len(ADAPTOR_PREFIX):]: v for k, v in state.items()}, f"{folder}: model.vq_adaptor")
+    _assign(adaptor, {k[len(ADAPTOR_PREFIX):]: v for k, v in state.items()}, f"{folder}: {ADAPTOR_PREFIX}*")
     with torch.device(device):  # the non-persistent RoPE buffers, from rope_theta
         backbone.model.rotary_emb = Qwen2RotaryEmbedding(config=qcfg)
     return backbone.to(device).eval(), adaptor.to(device).eval()
@@ -264,7 +271,7 @@ SPECIAL_TOKENS = {  # name -> id: the Kimi-Audio special tokens its prompts use 
     "<|im_kimia_assistant_msg_start|>": 151671, "<|im_kimia_speech_ct_id|>": 151675,
     "<|im_kimia_speech_ctd_id|>": 151676,
 }
-TINY_VERSION = 2  # bump when the tiny layout changes: folders built by another version are rebuilt
+TINY_VERSION = 3  # bump when the tiny layout changes: folders built by another version are rebuilt
 
 
 @dataclass(frozen=True)
@@ -333,14 +340,15 @@ def _random_state(shape: TinyShape, raw: dict[str, Any]) -> dict[str, torch.Tens
 
 def _write_shards(folder: Path, state: dict[str, torch.Tensor]) -> None:
     """Three shards with the real checkpoint's odd names (the last one holds embeddings, norms and heads), an
-    index, bf16 weights (rotary buffers float32)."""
+    index, every tensor bf16 (the rotary buffers too: with them in bf16 the real index's total_size is matched to
+    the byte, tests/fixtures/layouts)."""
     from safetensors.torch import save_file
 
     last = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "mimo_output.weight",
             "model.mimo_norm.weight"}
     shards = {"model-1-of-2.safetensors": {}, "model-2-of-2.safetensors": {}, "model-3-of-3.safetensors": {}}
     for k, v in state.items():
-        v = v.float() if "inv_freq" in k else v.to(torch.bfloat16)
+        v = v.to(torch.bfloat16)
         if k in last:
             shards["model-3-of-3.safetensors"][k] = v.contiguous()
         elif k.startswith(("model.mimo_layers.", ADAPTOR_PREFIX)):
