@@ -22,7 +22,7 @@ Data flow (module by module):
 3. ``kimi_prompt``: tiktoken text tokenizer and the two-stream prompt layout (ASR, QA, translation share it; the
    instruction text comes from ``speech_redundancy.prompts``, family ``kimi_audio``).
 4. Here: fusion at the audio slots, ``(E[code] + adaptor(whisper)) * sqrt(2)``, elsewhere ``E[audio-stream id]``,
-   plus ``E[text-stream id]`` everywhere; positions 0..T-1; greedy decoding as Kimi-Audio-Evalkit runs it: each
+   plus ``E[text-stream id]`` everywhere unless the step's text ids sum to 0 (the official rule); positions 0..T-1; greedy decoding as Kimi-Audio-Evalkit runs it: each
    step feeds back ``text_blank`` on the audio stream and the chosen token on the text stream, stops at
    ``text_eos``, with the text repetition penalty 1.1 over the last 16 generated tokens once more than 16 were
    generated (:class:`WindowedRepetitionPenalty`; ``model.repetition_penalty=1.0`` turns it off).
@@ -86,14 +86,16 @@ class KimiAudioText(nn.Module):
     def embed(self, input_ids: Tensor, audio_ids: Tensor, audio_embeds: Tensor | None = None,
               audio_mask: Tensor | None = None) -> Tensor:
         """E[audio id], replaced at ``audio_mask`` by (E[audio id] + ``audio_embeds``) x sqrt(2) when features
-        are given, plus E[text id] everywhere. ``audio_embeds`` is [B, T, d] (only its ``audio_mask`` rows are
-        read)."""
+        are given, plus E[text id] at every position of a sample whose text ids do not sum to 0 (the official
+        rule: a decode step that feeds back text id 0 adds no text embedding). ``audio_embeds`` is [B, T, d] (only
+        its ``audio_mask`` rows are read)."""
         table = self.backbone.model.embed_tokens
         x = table(audio_ids)
         if audio_embeds is not None and audio_mask is not None:
             root2 = torch.tensor(2.0, dtype=x.dtype, device=x.device).sqrt()
             x = torch.where(audio_mask[..., None], (x + audio_embeds.to(x.dtype)) * root2, x)
-        return x + table(input_ids)
+        with_text = input_ids.sum(-1) != 0  # [B]; official: per call (batch 1), here per sample
+        return torch.where(with_text[:, None, None], x + table(input_ids), x)
 
     def forward(self, input_ids: Tensor, audio_ids: Tensor, audio_embeds: Tensor | None = None,
                 audio_mask: Tensor | None = None, attention_mask: Tensor | None = None,
