@@ -224,6 +224,18 @@ def test_chinese_asr_prompt(model):
     assert model.tokenizer.decode(model.instruction(req)) == "请把这段语音转录成文本。"
 
 
+def test_decoded_text_keeps_special_tokens_as_the_official_decoding(model):
+    """kimia_infer keeps every generated id below 152064 and decodes it with the tokenizer: a special token stays as
+    its literal string; audio ids go; the Evalkit's remove_sp (protocol kimi_evalkit) takes the strings out."""
+    from speech_redundancy import normalize as N
+
+    tok = model.tokenizer
+    ids = tok.encode("ab") + [BLANK, MSG_END] + [OFFSET + 5] + tok.encode(" c")
+    assert tok.decode(ids) == "ab<|im_kimia_text_blank|><|im_msg_end|> c"
+    assert tok.batch_decode(torch.tensor([ids + [tok.pad_token_id] * 2])) == ["ab<|im_kimia_text_blank|><|im_msg_end|> c"]
+    assert N.strip_special_tokens(tok.decode(ids), "en") == "ab c"
+
+
 @pytest.mark.parametrize("samples", [1, 1280, 1281, 16000, 479_999, 480_000, 480_001, 725_000, 976_000])
 def test_audio_token_counts_agree_between_the_two_paths(model, samples):
     audio = (0.1 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32)

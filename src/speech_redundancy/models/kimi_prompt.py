@@ -15,7 +15,9 @@ audio ids s_i are ``kimia_token_offset + code``; in the continuous-only ablation
 The tokenizer: the base ranks from ``tiktoken.model`` and the special ids named in ``tokenizer_config.json``'s
 ``added_tokens_decoder``, pre-tokenised with Qwen2's pattern (Kimi-Audio keeps Qwen2.5's 151643 base tokens; the
 pattern is the one vLLM's Kimi-Audio tokenizer uses). Instructions are encoded as plain text (special-token strings
-in them are not special). Decoding keeps base tokens only: generated special or audio ids are dropped.
+in them are not special). Decoding is the official one (kimia_infer ``KimiAudio.generate``): ids below
+``kimia_token_offset`` are kept, so a generated special token stays in the text as its literal ``<|...|>`` string (the
+scoring protocols remove them, ``kimi_evalkit`` with the Evalkit's ``remove_sp``); audio ids are dropped.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class TextTokenizer:
         self.encoding = tiktoken.Encoding(name=f"kimi-audio:{folder}", pat_str=PATTERN, mergeable_ranks=ranks,
                                           special_tokens=specials)
         self.ids = SpecialIds(**{f: specials[n] for f, n in SPECIAL_NAMES.items()})
+        self.special_ids = frozenset(specials.values())
 
     pad_token_id = -1  # fills decoded rows after text_eos (no token has it; decode drops it)
 
@@ -84,12 +87,13 @@ class TextTokenizer:
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids: list[int]) -> str:
-        """Text of the base tokens among ``ids`` (special and audio ids dropped)."""
-        return self.encoding.decode([i for i in ids if 0 <= i < self.n_base])
+        """Text of ``ids`` as the official decoding gives it: base tokens and the named special tokens (as their
+        ``<|...|>`` strings); audio ids and ids no token has (the row padding) are dropped."""
+        return self.encoding.decode([i for i in ids if 0 <= i < self.n_base or i in self.special_ids])
 
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        """:meth:`decode` per row (a [B, n] tensor or lists), as transformers tokenizers name it; special ids are
-        always dropped."""
+        """:meth:`decode` per row (a [B, n] tensor or lists), as transformers tokenizers name it; special tokens are
+        always kept, as the official decoding keeps them (``skip_special_tokens`` is ignored)."""
         return [self.decode([int(i) for i in row]) for row in rows]
 
 
