@@ -1,0 +1,88 @@
+"""Qwen2-Audio's model inputs against golden data made outside the project (tests/fixtures/qwen2audio_golden/README.md):
+input ids built by transformers' own Qwen2AudioProcessor and chat template with the real Qwen2 BPE, from the
+prompt strings of eval_audio, Kimi-Audio-Evalkit and lmms-eval, for 7, 30 and 45 s clips under both presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech_redundancy.data.records import Utterance
+from speech_redundancy.models import qwen2audio as q
+from speech_redundancy.models.base import Request
+
+GOLDEN = Path(__file__).parent / "fixtures" / "qwen2audio_golden"
+CASES = json.loads((GOLDEN / "input_ids.json").read_text())["cases"]
+TASKS = {"asr_en": ("asr", "en"), "asr_zh": ("asr", "zh"), "st_en2zh": ("st_en2zh", "en"),
+         "st_zh2en": ("st_zh2en", "zh"), "qa": ("qa", "en")}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """transformers' Qwen2AudioProcessor over the golden tokenizer (the real BPE's tokens and merges these prompts
+    use, with their real ids, and the six special ids)."""
+    from transformers import PreTrainedTokenizerFast, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(GOLDEN / "tokenizer.json"), eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|AUDIO|>",
+                                                             "<|audio_bos|>", "<|audio_eos|>"])
+    return Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return q.build_tiny(seed=0)[0]
+
+
+def _preset(name: str):
+    from conftest import compose
+
+    return compose([f"model={name}", "data=librispeech"]).model
+
+
+def _adapter(preset: str, long_audio: str, model, processor) -> q.Qwen2AudioModel:
+    cfg = _preset(preset)
+    return q.Qwen2AudioModel(model, processor, name=preset, prompt_family=cfg.prompt_family, chat=cfg.chat,
+                             long_audio=long_audio)
+
+
+def _request(case) -> Request:
+    task, language = TASKS[case["task"]]
+    target = task.split("2")[1] if task.startswith("st_") else None
+    utt = Utterance(id=f"{case['task']}-{case['seconds']}", audio="x.wav", text="x", duration=case["seconds"],
+                    language=language, task=task, extra={"target_language": target} if target else {})
+    audio = np.zeros(case["n_samples"], dtype=np.float32)
+    return Request(utt=utt, audio=audio)
+
+
+def test_presets_name_their_layouts():
+    base, instruct = _preset("qwen2audio"), _preset("qwen2audio_instruct")
+    assert (base.path, base.chat, base.long_audio, base.prompt_family, base.min_new_tokens) == (
+        "Qwen/Qwen2-Audio-7B", False, "truncate", "qwen2_audio", 1)
+    assert (instruct.path, instruct.chat, instruct.long_audio, instruct.prompt_family, instruct.min_new_tokens) == (
+        "Qwen/Qwen2-Audio-7B-Instruct", True, "items", "qwen2_audio_instruct", 1)
+    assert {c["preset"] for c in CASES} == {"qwen2audio", "qwen2audio_instruct"}
+    assert {(c["task"], c["seconds"]) for c in CASES} == {(t, s) for t in TASKS for s in (7.0, 30.0, 45.0)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['preset']}-{c['task']}-{c['seconds']:g}s-{c['long_audio']}")
+def test_input_ids_equal_the_golden_ones(case, processor, tiny_model):
+    adapter = _adapter(case["preset"], case["long_audio"], tiny_model, processor)
+    req = _request(case)
+    windows = q.windows(req.audio, adapter.long_audio)
+    assert adapter.prompt_text(req, len(windows)).replace(q.AUDIO_TOKEN, q.AUDIO_TOKEN * (
+        len(windows) if adapter.long_audio == "span" else 1), 1) == case["text"]
+    ids = adapter.inputs([req])["input_ids"][0].tolist()
+    assert ids == case["input_ids"]
+    assert adapter.audio_tokens(req) == case["n_audio_tokens"] == ids.count(151646)
+
+
+def test_items_needs_the_chat_template(tiny_model, processor):
+    with pytest.raises(ValueError, match="long_audio=items .* needs model.chat=true"):
+        q.Qwen2AudioModel(tiny_model, processor, chat=False, long_audio="items")
+    with pytest.raises(ValueError, match="long_audio='cut' is unknown; allowed: truncate, span, items"):
+        q.Qwen2AudioModel(tiny_model, processor, long_audio="cut")
