@@ -86,3 +86,51 @@ def test_items_needs_the_chat_template(tiny_model, processor):
         q.Qwen2AudioModel(tiny_model, processor, chat=False, long_audio="items")
     with pytest.raises(ValueError, match="long_audio='cut' is unknown; allowed: truncate, span, items"):
         q.Qwen2AudioModel(tiny_model, processor, long_audio="cut")
+
+
+def test_min_new_tokens_reaches_generate(tiny_model, processor, monkeypatch):
+    """The presets' min_new_tokens=1 (eval_audio, lmms-eval) is handed to the stock generate."""
+    from conftest import compose
+
+    cfg = compose(["model=tiny_qwen2audio", "data=librispeech"]).model
+    adapter = q.load(cfg)
+    assert adapter.min_new_tokens == 1
+    seen = {}
+    real = adapter.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(adapter.model, "generate", spy)
+    case = CASES[0]
+    out = adapter.generate([_request(case)], [], 2)[0]
+    assert seen["min_new_tokens"] == 1 and out.stats["new_tokens"] >= 1
+
+
+def test_items_layout_runs_with_compression():
+    """45 s under the Instruct preset's items layout: two `Audio k:` items (750 + 375 audio slots, text between
+    them); word windows map at 25 tokens/s across both (uniform_merge with R = 1: one group per word window)."""
+    import math
+
+    from conftest import compose
+
+    from speech_redundancy.compress import Point
+    from speech_redundancy.data.records import Word
+
+    adapter = q.load(compose(["model=tiny_qwen2audio_instruct", "data=librispeech"]).model)
+    assert (adapter.chat, adapter.long_audio) == (True, "items")
+    rng = np.random.default_rng(3)
+    words = [Word(f"w{i}", 0.1 + 0.5 * i, 0.5 + 0.5 * i) for i in range(89)]
+    utt = Utterance(id="long45", audio="x.wav", text="x", duration=45.0, words=words)
+    req = Request(utt=utt, audio=(0.1 * rng.standard_normal(45 * 16000)).astype(np.float32))
+    text = adapter.prompt_text(req, 2)
+    assert text.count("Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nAudio 2: <|audio_bos|><|AUDIO|><|audio_eos|>\n") == 1
+    out = adapter.generate([req], [Point(0, "uniform_merge", {"budget": 1, "gaps": "keep"})], 2)[0]
+    assert out.tokens_in == 1125
+    groups = out.groups[0]
+    for w in words:
+        lo, hi = math.floor(w.start * 25), math.ceil(w.end * 25)
+        assert len(set(groups[lo:hi])) == 1, w
+    truncated = q.Qwen2AudioModel(adapter.model, adapter.processor, chat=True, long_audio="truncate")
+    assert truncated.audio_tokens(req) == 750
