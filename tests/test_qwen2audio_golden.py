@@ -134,3 +134,69 @@ def test_items_layout_runs_with_compression():
         assert len(set(groups[lo:hi])) == 1, w
     truncated = q.Qwen2AudioModel(adapter.model, adapter.processor, chat=True, long_audio="truncate")
     assert truncated.audio_tokens(req) == 750
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint layout
+LAYOUTS = Path(__file__).parent / "fixtures" / "layouts"
+
+
+def _tiny_dims(config) -> dict[str, int]:
+    a, t = config.audio_config, config.text_config
+    return {"audio.d_model": a.d_model, "audio.num_mel_bins": a.num_mel_bins, "audio.encoder_ffn_dim": a.encoder_ffn_dim,
+            "audio.max_source_positions": a.max_source_positions, "text.hidden_size": t.hidden_size,
+            "text.intermediate_size": t.intermediate_size, "text.vocab_size": t.vocab_size,
+            "text.kv_dim": t.num_key_value_heads * (t.hidden_size // t.num_attention_heads)}
+
+
+def _expected_tiny(record: dict, config) -> dict[str, list[int]]:
+    """The record's names with layer indices the tiny model has, each axis resolved from the tiny config."""
+    import re
+
+    dims = _tiny_dims(config)
+    n = {"audio_tower": config.audio_config.encoder_layers, "language_model": config.text_config.num_hidden_layers}
+    out = {}
+    for name, t in record["tensors"].items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= n[name.split(".")[0]]:
+            continue
+        out[name] = [dims.get(d, d) for d in t["dims"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return q.write_tiny(tmp_path_factory.mktemp("tiny_qwen2audio"))
+
+
+@pytest.mark.parametrize("record", ["qwen2audio_7b.json", "qwen2audio_7b_instruct.json"])
+def test_tiny_writer_uses_the_published_layout(record, tiny_checkpoint):
+    from safetensors import safe_open
+    from transformers import Qwen2AudioConfig
+
+    rec = json.loads((LAYOUTS / record).read_text())
+    real = Qwen2AudioConfig(audio_config=rec["config"]["audio_config"], text_config=rec["config"]["text_config"])
+    assert _expected_tiny(rec, real) == {k: v["shape"] for k, v in rec["tensors"].items()}  # the record agrees with itself
+    assert rec["special_tokens"]["<|AUDIO|>"] == rec["config"]["audio_token_index"] == 151646
+    config = Qwen2AudioConfig.from_pretrained(tiny_checkpoint)
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        written = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert written == _expected_tiny(rec, config)
+
+
+def test_loader_accepts_exactly_the_published_names(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = {"family": "qwen2audio", "path": str(tiny_checkpoint), "device": "cpu", "dtype": "float32", "n_layers": 4}
+    adapter = q.load(cfg)
+    assert adapter.n_layers == 4 and adapter.model.config.audio_token_id == adapter.tokenizer.convert_tokens_to_ids(
+        "<|AUDIO|>")
+    bad = tmp_path / "renamed"
+    shutil.copytree(tiny_checkpoint, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["multi_modal_projector.weight"] = weights.pop("multi_modal_projector.linear.weight")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"not the Qwen2-Audio checkpoint layout: missing .*multi_modal_projector"
+                                         r"\.linear\.weight.*unexpected .*multi_modal_projector\.weight"):
+        q.load({**cfg, "path": str(bad)})

@@ -30,7 +30,8 @@ average pool merges them; per window, then the windows in order. Needs the tower
 
 ``conf/model/tiny_qwen2audio.yaml`` builds a random tiny model instead (no download): a 2-layer tower and a 4-layer
 Qwen2 LLM, with a byte-level tokenizer built here (256 byte tokens + Qwen2-Audio's special tokens) and the real
-Whisper feature extractor (128 mels), so the processor, prompts and generate run the same code path as the 7B.
+Whisper feature extractor (128 mels), so the processor, prompts and generate run the same code path as the 7B;
+:func:`write_tiny` writes it as a checkpoint folder in the published tensor layout.
 """
 
 from __future__ import annotations
@@ -205,16 +206,23 @@ def load(cfg) -> Qwen2AudioModel:
 
 
 def _from_pretrained(path: str, dtype, attn: str, device):
-    """Processor and model from a local folder or the Hugging Face cache; never the network."""
+    """Processor and model from a local folder or the Hugging Face cache; never the network. The checkpoint must
+    hold exactly the tensors the model needs (the published layout: tests/fixtures/layouts/qwen2audio_7b.json):
+    a missing or unexpected tensor stops here with one line instead of leaving random weights in place."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype, attn_implementation=attn
+        model, info = Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attn, output_loading_info=True
         )
     except OSError:
         raise weights_missing("Qwen2-Audio", path, HUB_ID) from None
+    missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise ValueError(f"{path}: not the Qwen2-Audio checkpoint layout: missing {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
     return model.to(device), processor
 
 
@@ -276,3 +284,17 @@ def build_tiny(seed: int = 0, n_layers: int = 4, hidden: int = 64, attn_implemen
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, do_sample=False)
     processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
     return model, processor
+
+
+def write_tiny(folder, seed: int = 0, n_layers: int = 4, hidden: int = 64):
+    """Write the random tiny Qwen2-Audio (:func:`build_tiny`) to ``folder`` as a checkpoint in the published layout
+    (``save_pretrained``: config.json, model.safetensors with the hub's tensor names, processor files), so that
+    ``model.path=<folder>`` loads it through the same code as the 7B. Returns the folder."""
+    from pathlib import Path
+
+    model, processor = build_tiny(seed=seed, n_layers=n_layers, hidden=hidden)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
