@@ -133,8 +133,9 @@ class Qwen2AudioModel(HFAudioLLM):
         want = n if self.long_audio == "items" else 1
         if text.count(AUDIO_TOKEN) != want:
             raise ValueError(
-                f"{req.utt.id}: the prompt must hold exactly {want} {AUDIO_TOKEN} placeholder(s) under "
-                f"model.long_audio={self.long_audio} (found {text.count(AUDIO_TOKEN)}): {text!r}"
+                f"{req.utt.id}: the prompt must hold exactly {'one' if want == 1 else want} {AUDIO_TOKEN} "
+                f"placeholder{'' if want == 1 else 's'} under model.long_audio={self.long_audio} "
+                f"(found {text.count(AUDIO_TOKEN)}): {text!r}"
             )
 
     def audio_tokens(self, req: Request) -> int:
