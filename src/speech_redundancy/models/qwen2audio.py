@@ -108,7 +108,7 @@ class Qwen2AudioModel(HFAudioLLM):
     """A Qwen2-Audio checkpoint with compression points in its LLM (implements ``models.base.SpeechModel``)."""
 
     family = "qwen2audio"
-    max_audio_seconds = None  # long audio goes in as consecutive 30 s windows
+    max_audio_seconds = None  # a longer clip is cut or windowed as long_audio says (the presets name theirs)
 
     def __init__(self, model, processor, *, name: str = "qwen2-audio", prompt_family: str = "qwen2_audio",
                  chat: bool = False, long_audio: str = "span", **options):
