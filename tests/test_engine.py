@@ -411,7 +411,7 @@ def test_missing_weights_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         q.load({"family": "qwen2audio", "path": str(tmp_path / "nowhere"), "device": "cpu", "dtype": "float32"})
     msg = str(err.value)
-    assert "\n" not in msg and "huggingface-cli download Qwen/Qwen2-Audio-7B-Instruct" in msg and "model.path=" in msg
+    assert "\n" not in msg and "huggingface-cli download Qwen/Qwen2-Audio-7B " in msg and "model.path=" in msg
 
 
 def test_tiny_config_composes_and_runs(requests_):
@@ -426,7 +426,7 @@ def test_tiny_config_composes_and_runs(requests_):
     out = adapter.generate(requests_[:1], points, 3)[0]
     assert [p.layer for p in points] == [0, 2] and len(out.tokens_per_point) == 2
     real = compose(["model=qwen2audio", "data=librispeech"]).model
-    assert real.path == "Qwen/Qwen2-Audio-7B-Instruct" and real.n_layers == 32 and real.token_rate == 25
+    assert real.path == "Qwen/Qwen2-Audio-7B" and real.n_layers == 32 and real.token_rate == 25
 
 
 # ----------------------------------------------------------------------------- other stock audio LLMs

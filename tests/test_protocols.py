@@ -4,6 +4,7 @@ written out here (read off the harnesses' code, not computed with ours), and res
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -342,3 +343,28 @@ def test_rescore_cli_all_protocols_side_by_side(tmp_path, capsys):
 def test_no_reference_unit_is_nan():
     got = M.score([asr("(laughs)", "")], "kimi_evalkit")
     assert math.isnan(got["wer"]) and got["empty_refs"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- official scorer
+
+_OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "normalize_golden"
+                        / "qwen2audio_eval_audio.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("protocol", ["paper", "lmms_eval"])
+@pytest.mark.parametrize("case", _OFFICIAL, ids=lambda c: f"{c['language']}:{c['text'][:24]}")
+def test_units_equal_the_official_eval_audio_scorer(case, protocol):
+    """QwenLM/Qwen2-Audio evaluate_asr.py's own units (tests/fixtures/normalize_golden/README.md): Whisper's English
+    pipeline, SpeechIO cn_tn for Mandarin (1234 -> 一二三四, 200元 -> 两百元, phone numbers digit by digit)."""
+    if case["language"] == "en" and P.units("colour", "en", protocol) != ["color"]:
+        pytest.skip("Whisper's English spelling list is not installed here (normalize.find_english_spelling_file)")
+    assert P.units(case["text"], case["language"], protocol) == case["units"]
+
+
+def test_each_protocol_names_its_long_audio_layout():
+    assert {n: P.get(n).long_audio for n in NAMES} == {
+        "paper": "truncate", "kimi_evalkit": "truncate", "lmms_eval": "items", "ultraeval": None,
+        "audiobench": "truncate"}
+    with pytest.raises(ValueError, match="long_audio must be truncate, span, items or None"):
+        P.Protocol(name="x", source="x", asr={"*": P.Units(())}, bleu={"*": P.BleuRule("13a")}, wer="x",
+                   long_audio="chunks")

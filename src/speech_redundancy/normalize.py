@@ -8,19 +8,19 @@ score ASR like this, and so do we:
 - English (``en``): Whisper's ``EnglishTextNormalizer`` (contractions, titles, numbers spelt out as digits,
   British -> American spelling, symbols removed), then Whisper's ``BasicTextNormalizer`` (their if/else applies
   the basic normaliser to every language that is not ``zh``), then words;
-- Mandarin (``zh``): a Chinese text normaliser (numbers, dates, percentages and fractions read out in Chinese
-  characters; punctuation removed; Latin letters lower-cased), all whitespace removed, then characters, so the
-  score is a character error rate. The protocol does not convert traditional to simplified characters for ``zh``
-  (only for Cantonese, ``yue``); ``simplify=True`` adds it.
-- Cantonese (``yue``): traditional -> simplified (zhconv), then as Mandarin.
+- Mandarin (``zh``): special tokens and all whitespace out, SpeechIO's ``cn_tn`` text normaliser (numbers,
+  dates, percentages, fractions, phone numbers read out in Chinese characters; punctuation -> spaces), tokens
+  made only of punctuation dropped, Latin lower-cased, then characters, so the score is a character error rate.
+  The protocol does not convert traditional to simplified characters for ``zh`` (only for Cantonese, ``yue``);
+  ``simplify=True`` adds it.
+- Cantonese (``yue``): traditional -> simplified (zhconv), then Whisper's basic normaliser (their Chinese branch is
+  for ``zh`` only, so digits stay digits), then characters.
 - other languages: the basic normaliser, then words.
 
 Differences from the peers' exact code, all small:
-- Their Chinese normaliser is SpeechIO's ``cn_tn.py``; :func:`normalize_chinese` reads numbers out with ``cn2an``
-  (PyPI) instead. Both read cardinals, decimals, percentages, fractions and years the same way; ``cn_tn`` reads
-  phone numbers and other runs of 4+ digits digit by digit and says 两 for a leading 2 before 百/千, where cn2an
-  reads one cardinal. The harness protocols (:mod:`speech_redundancy.protocols`) use :func:`cn_tn` instead, our
-  re-implementation of cn_tn's rules in its order.
+- SpeechIO's ``cn_tn.py`` is not on PyPI: :func:`cn_tn` is our re-implementation of its rules in its order
+  (cardinals read with ``cn2an``); tests/fixtures/normalize_golden/ holds the official normaliser's outputs it is
+  checked against. Japanese (not in ``eval_audio``) is scored as Mandarin here.
 - Whisper's English normaliser needs its British -> American spelling list (1,739 pairs). transformers ships the
   normaliser class but not the list: it comes with a Whisper tokenizer's ``normalizer.json``, which needs the
   model hub. :func:`english_spelling_mapping` finds the list offline (see there). Without it, British spellings
@@ -150,10 +150,6 @@ def _cn2an():
     return cn2an
 
 
-def _is_punct_or_symbol(ch: str) -> bool:
-    return unicodedata.category(ch)[0] in "PS"
-
-
 def to_simplified(text: str) -> str:
     """Traditional -> simplified Chinese characters (zhconv, ``zh-cn``)."""
     import zhconv  # noqa: PLC0415
@@ -161,27 +157,27 @@ def to_simplified(text: str) -> str:
     return zhconv.convert(text, "zh-cn")
 
 
-def read_numbers_zh(text: str) -> str:
-    """Arabic numerals read out in Chinese characters (cn2an: cardinals, decimals, percentages, fractions, years);
-    thousands separators dropped first. Unchanged when cn2an is missing or gives up on a digit string."""
-    out = re.sub(r"(\d),(\d)", r"\1\2", text)  # thousands separators
-    converter = _cn2an()
-    if converter is not None and re.search(r"\d", out):
-        try:
-            out = converter.transform(out, "an2cn")
-        except (ValueError, KeyError, IndexError):  # cn2an gives up on odd digit strings: keep them
-            pass
-    return out
-
-
 def normalize_chinese(text: str, *, simplify: bool = False) -> str:
-    """Mandarin normaliser: numbers read out in characters, punctuation and whitespace removed, Latin lower-cased."""
+    """Mandarin normaliser as Qwen2-Audio's ``evaluate_asr.py`` applies it: ``remove_sp`` (special tokens and all
+    whitespace out), SpeechIO ``cn_tn`` (our :func:`cn_tn`), then tokens made only of punctuation dropped and the
+    rest lower-cased and joined (its ``EvaluationTokenizer``); ``simplify`` converts traditional characters first."""
     out = strip_special_tokens(text, "zh")
     if simplify:
         out = to_simplified(out)
-    out = read_numbers_zh(out)
-    out = "".join(ch for ch in out if not _is_punct_or_symbol(ch) and not ch.isspace())
-    return out.lower()
+    return _units_text(cn_tn(out))
+
+
+def normalize_cantonese(text: str) -> str:
+    """Cantonese as ``evaluate_asr.py`` scores it: special tokens out, traditional -> simplified (zhconv), Whisper's
+    basic normaliser (its Chinese branch is for ``zh`` only, so digits stay), punctuation tokens dropped."""
+    return _units_text(normalize_basic(to_simplified(strip_special_tokens(text, "yue"))))
+
+
+def _units_text(text: str) -> str:
+    """``EvaluationTokenizer(tokenizer_type="none", lowercase=True, punctuation_removal=True)`` on a Chinese text,
+    joined without spaces (every character is then a unit)."""
+    tokens = [t for t in text.split() if not all(unicodedata.category(c)[0] == "P" for c in t)]
+    return "".join(tokens).lower()
 
 
 def _is_cn_tn_punct(ch: str) -> bool:
@@ -262,7 +258,7 @@ def normalize(text: str, language: str = "en", *, simplify_zh: bool = False) -> 
     if language == "en":
         return normalize_english(text)
     if language == "yue":
-        return normalize_chinese(text, simplify=True)
+        return normalize_cantonese(text)
     if language in CHAR_LANGUAGES:
         return normalize_chinese(text, simplify=simplify_zh)
     return normalize_basic(strip_special_tokens(text, language))
@@ -285,7 +281,8 @@ def normalizer_id(language: str = "en") -> str:
     if language == "en":
         found = find_english_spelling_file()
         return "whisper-en+basic" + ("" if found is not None else "-nospelling")
+    if language == "yue":
+        return "t2s+whisper-basic+char"
     if language in CHAR_LANGUAGES:
-        label = "zh-tn(cn2an)" if importlib.util.find_spec("cn2an") is not None else "zh-tn(no-numbers)"
-        return label + ("+t2s" if language == "yue" else "") + "+char"
+        return ("cn_tn(ours)" if importlib.util.find_spec("cn2an") is not None else "cn_tn(ours,no-numbers)") + "+char"
     return "whisper-basic"

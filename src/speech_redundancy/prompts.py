@@ -5,13 +5,17 @@ For the speech LLMs a prompt is the text that follows the audio in the user turn
 a "prompt" is the generate keywords that choose language and task.
 
 Sources (facts, not code):
-- Qwen2-Audio ASR: ``Detect the language and recognize the speech: <|en|>``, the prompt of Qwen2-Audio's
-  evaluation files (eval_audio/EVALUATION.md), as Kimi-Audio-Evalkit's almeval/models/qwen_audio.py restates it.
-- Qwen2-Audio speech translation: lmms-eval tasks/covost2/_default_template_{en_zh,zh_en}_yaml, ``qwen2_audio``
-  pre_prompt (``Translate the speech into Chinese and only output the translation: <|en|>``).
-- Qwen2-Audio spoken QA: the base model gets `` Your answer to the question is:`` (Kimi-Audio-Evalkit,
-  qwen_audio.py, Audio-QA); the Instruct model gets the audio alone (Kimi-Audio-Evalkit Qwen2AudioChat and
-  VoiceBench both send an audio-only user turn).
+- Qwen2-Audio-7B (base, family ``qwen2_audio``; the text after ``<|audio_bos|><|AUDIO|><|audio_eos|>``, no chat
+  template). ASR: ``Detect the language and recognize the speech: <|en|>`` (``<|zh|>`` for Mandarin), the prompt
+  of Qwen2-Audio's evaluation files (eval_audio/EVALUATION.md), as Kimi-Audio-Evalkit's almeval/models/qwen_audio.py
+  restates it. Speech translation: lmms-eval tasks/covost2/_default_template_{en_zh,zh_en}_yaml, ``qwen2_audio``
+  pre_prompt (``Translate the speech into Chinese and only output the translation: <|en|>``). Spoken QA: the cue
+  `` Your answer to the question is:`` (Kimi-Audio-Evalkit, qwen_audio.py, Audio-QA; leading space included).
+- Qwen2-Audio-7B-Instruct (family ``qwen2_audio_instruct``; the text after the ``Audio 1:`` item of the chat
+  template's user turn). ASR: lmms-eval tasks/librispeech/_default_yaml_template, ``qwen2_audio`` post_prompt on
+  utils.librispeech_doc_to_text (``Please recognize the speech and only output the recognized content: <|en|>``);
+  translation as the base model (lmms-eval covost2); spoken QA: the audio alone (Kimi-Audio-Evalkit
+  Qwen2AudioChat and VoiceBench both send an audio-only user turn).
 - Kimi-Audio (family ``kimi_audio``; the text instruction before the audio in the user turn), as
   Kimi-Audio-Evalkit's data/download_benchmark.py writes its questions: ASR in English ``Please transcribe the
   spoken content into written text.`` (LibriSpeech), in Chinese ``请把这段语音转录成文本。`` (AISHELL, WenetSpeech);
@@ -43,7 +47,7 @@ _TEMPLATES: dict[tuple[str, str], str] = {
     ("qwen2_audio", "asr"): "Detect the language and recognize the speech: <|{source}|>",
     ("qwen2_audio", "st"): "Translate the speech into {target_name} and only output the translation: <|{source}|>",
     ("qwen2_audio", "qa"): " Your answer to the question is:",
-    ("qwen2_audio_instruct", "asr"): "Detect the language and recognize the speech: <|{source}|>",
+    ("qwen2_audio_instruct", "asr"): "Please recognize the speech and only output the recognized content: <|{source}|>",
     ("qwen2_audio_instruct", "st"): "Translate the speech into {target_name} and only output the translation: <|{source}|>",
     ("qwen2_audio_instruct", "qa"): "",
     ("kimi_audio", "asr"): "Please transcribe the spoken content into written text.",

@@ -6,11 +6,14 @@ code and re-implemented here from named steps (:data:`STEPS`); :data:`TABLE` hol
 :func:`speech_redundancy.metrics.score` applies one by name. jiwer aligns and counts, sacrebleu tokenises and
 computes BLEU; nothing here counts edits by hand.
 
-- ``paper`` (default): Qwen2-Audio's ``eval_audio`` rules as this project has always scored (Whisper English
-  normaliser then the basic one, our Mandarin normaliser and characters, sacrebleu ``zh`` for en->zh, ``13a``
-  otherwise).
+- ``paper`` (default): Qwen2-Audio's ``eval_audio`` rules (Whisper English normaliser then the basic one; Mandarin
+  SpeechIO cn_tn then characters; Cantonese zhconv then the basic normaliser; sacrebleu ``zh`` for en->zh, ``13a``
+  otherwise), checked against the official scorer's outputs (tests/fixtures/normalize_golden/).
 - ``kimi_evalkit``, ``lmms_eval``, ``ultraeval``, ``audiobench``: each harness as its code does it, quirks
   included; every quirk and every stand-in is a line of the record's ``notes`` (README, *Scoring protocols*).
+
+Each record also names the long-audio layout its harness feeds Qwen2-Audio (``long_audio``: ``truncate``,
+``span``, ``items``; ``models/qwen2audio.py``), so a result can say which inputs its numbers assume.
 
 Stand-ins, labelled in the step names: SpeechIO's ``cn_tn.TextNorm`` (Chinese numbers and punctuation, used by
 kimi_evalkit, lmms_eval and ultraeval) is not on PyPI, so ``cn_tn(ours)`` is our re-implementation of its rules
@@ -176,13 +179,16 @@ class Protocol:
     ``drop_hypotheses`` is left out with its reference; ``empty_as`` replaces a text left empty (after
     normalisation for WER, as it is for BLEU); ``empty_refs``: ``skip`` leaves a row whose reference normalises to
     nothing out of WER (counted), ``count`` adds its insertions to the edits (the harness sums edits and lengths).
-    ``wer`` says the WER definition, ``source`` where the rules come from, ``notes`` every quirk and stand-in."""
+    ``wer`` says the WER definition, ``source`` where the rules come from, ``notes`` every quirk and stand-in;
+    ``long_audio`` the layout in which the harness feeds Qwen2-Audio a clip over 30 s (``truncate``, ``span`` or
+    ``items``, as ``model.long_audio``; None where its code does not say)."""
 
     name: str
     source: str
     asr: Mapping[str, Units]
     bleu: Mapping[str, BleuRule]
     wer: str
+    long_audio: str | None = None
     empty_refs: str = "count"
     empty_as: str | None = None
     drop_hypotheses: tuple[str, ...] = ()
@@ -197,6 +203,9 @@ class Protocol:
                 raise ValueError(f"protocol {self.name}: unknown step {s!r}")
         if "*" not in self.asr or "*" not in self.bleu:
             raise ValueError(f"protocol {self.name}: asr and bleu need a '*' entry")
+        if self.long_audio not in (None, "truncate", "span", "items"):
+            raise ValueError(f"protocol {self.name}: long_audio must be truncate, span, items or None, "
+                             f"not {self.long_audio!r}")
 
     def units_for(self, language: str) -> Units:
         return self.asr.get(language, self.asr["*"])
@@ -209,24 +218,30 @@ class Protocol:
 _CORPUS_WER = "Σ edit distance / Σ reference units over the corpus"
 
 _EN = ("remove_sp", "whisper_en", "whisper_basic")
+_EVAL_TOK = dict(tokenizer="none", drop_punctuation=True, lowercase=True, chars=True)  # its EvaluationTokenizer, chars
 PAPER = Protocol(
     name="paper",
-    source="Qwen2-Audio eval_audio/evaluate_asr.py and evaluate_st.py, as this project scores (normalize.py)",
+    source="QwenLM/Qwen2-Audio eval_audio/evaluate_asr.py (remove_sp, compute_wer) and evaluate_st.py",
     asr={
         "en": Units(_EN),
-        "zh": Units(("zh_paper",), "char", chars=True),
+        "zh": Units(("remove_sp", "remove_spaces", "cn_tn(ours)"), "char", **_EVAL_TOK),
         "ja": Units(("zh_paper",), "char", chars=True),
-        "yue": Units(("t2s", "zh_paper"), "char", chars=True),
+        "yue": Units(("remove_sp", "t2s", "whisper_basic"), "char", **_EVAL_TOK),
         "*": Units(("remove_sp", "whisper_basic")),
     },
     bleu={"zh": BleuRule("zh", hypothesis_steps=("remove_sp",)), "*": BleuRule("13a", hypothesis_steps=("remove_sp",))},
     wer=_CORPUS_WER + "; a reference empty after normalisation is left out (and counted); cWER = Σ min(E_i, N_i) / Σ N_i",
     empty_refs="skip",
+    long_audio="truncate",
     notes=(
-        "Mandarin: our normaliser (cn2an numbers instead of SpeechIO cn_tn; every Unicode punctuation and symbol "
-        "removed, whitespace removed, Latin lower-cased), then every character is a unit, Latin letters included",
-        "Cantonese: traditional -> simplified (zhconv) then as Mandarin (Qwen2-Audio: zhconv then the basic normaliser)",
+        "Mandarin: remove_sp (all spaces out), cn_tn(ours) for SpeechIO cn_tn as evaluate_asr.py configures it, "
+        "tokens of punctuation only dropped, lower-cased, then every character is a unit, Latin letters included",
+        "Cantonese: zhconv traditional -> simplified, then the basic normaliser (evaluate_asr.py's Chinese branch is "
+        "for zh only, so digits stay), then characters",
+        "Japanese (not in eval_audio): as Mandarin (zh_paper: the same chain as one step)",
+        "empty references left out of WER (counted) where evaluate_asr.py would divide by their zero length",
         "BLEU: special tokens removed from hypotheses (Qwen2-Audio decodes with skip_special_tokens); references as they are",
+        "long audio: eval_audio hands the whole clip to the processor, which keeps the first 30 s (truncate)",
     ),
 )
 
@@ -243,6 +258,7 @@ KIMI_EVALKIT = Protocol(
     bleu={"zh": BleuRule("zh"), "ja": BleuRule("ja-mecab"), "*": BleuRule("13a")},
     wer=_CORPUS_WER + " (editdistance); a reference empty after normalisation adds its insertions",
     drop_hypotheses=("null",),
+    long_audio="truncate",
     notes=(
         "English: Whisper's English normaliser and then the basic one (its if/else sends every language but zh "
         "through the basic normaliser)",
@@ -253,6 +269,7 @@ KIMI_EVALKIT = Protocol(
         "Cantonese: zhconv to simplified then the basic normaliser, not the Chinese one (numbers stay digits)",
         "a hypothesis that is the string 'null' is left out with its reference",
         "BLEU: the evalkit has no translation task; as Qwen2-Audio evaluate_st.py (texts as they are; zh, ja-mecab, 13a)",
+        "long audio: its Qwen2Audio and Qwen2AudioChat hand one clip to the processor, which keeps 30 s (truncate)",
     ),
 )
 
@@ -273,6 +290,7 @@ LMMS_EVAL = Protocol(
         "*": BleuRule("13a", Units(("remove_sp", "whisper_en"), tokenizer="none", drop_punctuation=True, lowercase=True)),
     },
     wer=_CORPUS_WER + " (editdistance); a reference empty after normalisation adds its insertions",
+    long_audio="items",
     notes=(
         "ASR as Qwen2-Audio evaluate_asr.py: Whisper English then basic normaliser, no extra tokenizer, Mandarin and "
         "Cantonese on characters (Latin letters included)",
@@ -281,6 +299,7 @@ LMMS_EVAL = Protocol(
         "then corpus BLEU with zh",
         "BLEU zh->en: Whisper's English normaliser only (no basic one), lower-cased, punctuation tokens dropped, then "
         "13a; lmms-eval used zh here from 3 to 7 Feb 2025 (PR #515 to the fix in PR #522)",
+        "long audio: models/simple/qwen2_audio.py sends each 30 s chunk as its own 'Audio k:' chat item (items)",
     ),
 )
 
@@ -307,6 +326,7 @@ ULTRAEVAL = Protocol(
         "Mandarin: cn_tn(ours) for SpeechIO cn_tn (see kimi_evalkit); Japanese needs MeCab (mecab-python3, ipadic)",
         "BLEU: texts as they are (no normaliser, special tokens kept), pairs with an empty reference dropped; zh, "
         "ja-mecab, 13a",
+        "long audio: its repository has no Qwen2-Audio model file here, so its layout is not known (None)",
     ),
 )
 
@@ -325,6 +345,7 @@ AUDIOBENCH = Protocol(
     bleu={"*": BleuRule("flores101")},
     wer="Σ(S+D+I) / Σ(S+D+H) over the corpus (jiwer per utterance; equal to Σ edits / Σ reference units)",
     empty_as="empty",
+    long_audio="truncate",
     notes=(
         "lower case, Whisper's English normaliser, then a lone 0-20 or tens number back to its English word "
         "(\"five\" -> 5 -> five, but \"twenty one\" -> 21 stays), 22 contractions expanded, bracketed spans removed, "
@@ -336,6 +357,8 @@ AUDIOBENCH = Protocol(
         "a text left empty becomes the word 'empty' on either side (an empty reference then has one unit)",
         "BLEU: texts as they are (special tokens kept), empty -> 'empty', sacrebleu flores101 for both directions "
         "(needs sentencepiece and the FLORES-101 SentencePiece model file)",
+        "long audio: model_src/qwen2_audio_7b_instruct.py keeps the first 30 s (truncate), except ASR, where it "
+        "decodes each 30 s chunk on its own and joins the texts (a layout this project does not offer)",
     ),
 )
 

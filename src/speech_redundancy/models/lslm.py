@@ -35,7 +35,8 @@ class LSLMAdapter:
     head_positions: int | None = None  # prefill positions the LM head projects (None: all, as stock generate does)
 
     def __init__(self, model, processor, reach: Reach, *, name: str, token_rate: float, positions: str = "first",
-                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default"):
+                 pool_early_kv: bool = False, batch_size: int = 1, prompt_family: str = "default",
+                 min_new_tokens: int = 0):
         self.model = model.eval()
         self.processor = processor
         self.reach = reach
@@ -47,6 +48,9 @@ class LSLMAdapter:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.prompt_family = prompt_family
+        self.min_new_tokens = int(min_new_tokens)
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens={min_new_tokens} must be >= 0")
         self.n_layers = reach.n_layers
         self.shape = efficiency.DecoderShape.from_config(reach.text_config)
 
@@ -70,9 +74,11 @@ class LSLMAdapter:
         return getattr(self.reach.text_config, "max_position_embeddings", None)
 
     def decode(self, batch: dict[str, Any], max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding of one batch; returns the new token ids [B, n] (padded with the tokenizer's pad id)."""
+        """Greedy decoding of one batch; returns the new token ids [B, n] (padded with the tokenizer's pad id). With
+        ``min_new_tokens`` (Qwen2-Audio's official scripts: 1) the end token is barred until that many are out."""
+        extra = {"min_new_tokens": min(self.min_new_tokens, max_new_tokens)} if self.min_new_tokens else {}
         ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  **self.generate_kwargs())
+                                  **extra, **self.generate_kwargs())
         return ids[:, batch["input_ids"].shape[1]:]
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -173,10 +179,11 @@ def stock_reach(model, name: str | None = None) -> Reach:
 
 
 def options(cfg) -> dict[str, Any]:
-    """The adapter settings every LSLM config shares (name, positions, KV policy, batch size, prompt family)."""
+    """The adapter settings every LSLM config shares (positions, KV policy, batch size, ``min_new_tokens`` for the
+    stock ``generate`` path; 0 when the config does not say)."""
     get = cfg.get
     return {"positions": get("positions", "first"), "pool_early_kv": bool(get("pool_early_kv", False)),
-            "batch_size": int(get("batch_size", 1))}
+            "batch_size": int(get("batch_size", 1)), "min_new_tokens": int(get("min_new_tokens") or 0)}
 
 
 def device(name: str) -> torch.device:
