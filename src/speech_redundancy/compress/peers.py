@@ -210,55 +210,69 @@ def dpp_greedy(unit: Tensor, quality, k: int, *, check: bool = True) -> np.ndarr
     are returned. The released code has no such rule: past the kernel's rank its gains turn NaN.
 
     Everything runs on ``unit``'s device in its precision (float32 for half-precision input), the Gram matrix
-    included. Float64 check: when a pick was decided by a margin that float32 rounding could reverse (the runner-up
-    within 1e-5 relative of the best, but not equal to it), the whole selection is redone in float64."""
+    included; the first gains are q_i^2 exactly (unit rows) or 0 (zero rows). Float64 check (``check``): the
+    running float32 subtraction d_i^2 -= e_i^2 is where rounding accumulates, so when the runner-up gain lies within
+    that rounding (64 sqrt(i + 1) eps max(q)^2) of the best but is not equal to it, the contenders' gains are
+    re-summed in float64 from their Cholesky entries and the larger decides (equal: the earlier)."""
     N = unit.shape[0]
     k = min(int(k), N)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     u = unit.detach().to(acc_dtype(unit.dtype))
-    q = torch.as_tensor(np.asarray(quality, dtype=np.float64) if not isinstance(quality, Tensor) else quality,
-                        device=u.device).to(u.dtype)
-    picks, close = _greedy(u, q, k)
-    if close and check and u.dtype != torch.float64:
-        picks, _ = _greedy(u.double(), q.double(), k)
-    return picks
-
-
-def _greedy(u: Tensor, q: Tensor, k: int) -> tuple[np.ndarray, bool]:
-    """The greedy loop of :func:`dpp_greedy` in ``u``'s dtype; also says whether a pick was a near tie."""
-    N = u.shape[0]
+    q = quality.detach() if isinstance(quality, Tensor) else torch.from_numpy(np.asarray(quality, np.float64))
+    q = q.to(device=u.device, dtype=u.dtype)
     gram = u @ u.T
     kernel = gram * q[:, None] * q[None, :]
-    # first gains q_i^2 for unit rows (exactly, so that equal qualities tie exactly; the released code reads the
-    # kernel's diagonal, 1 within rounding), 0 for zero rows
-    d2 = torch.where(torch.diagonal(gram) > 0.5, q * q, torch.zeros((), dtype=u.dtype, device=u.device))
-    tol = 100 * torch.finfo(u.dtype).eps * float(q.max()) ** 2 if N else 0.0
-    cis = torch.zeros(k, N, dtype=u.dtype, device=u.device)
-    blocked = torch.zeros(N, dtype=torch.bool, device=u.device)
+    qmax2 = float(q.max()) ** 2
+    eps = torch.finfo(u.dtype).eps
+    tol = 100 * eps * qmax2  # gains at or below: exhausted (rounding noise of the Gram matrix)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    q2 = q * q
+    unit_row = torch.diagonal(gram) > 0.5
+    # the loop works on the columns still open (`cols`, ascending): chosen columns are dropped every N/8 picks, so
+    # the matrix-vector step shrinks as the selection grows
+    cols = torch.arange(N, device=u.device)
+    d2 = torch.where(unit_row, q2, zero)
+    buf = torch.empty(k * N, dtype=u.dtype, device=u.device)  # Cholesky rows; only rows < i are ever read
+    cis = buf.view(k, N)
+    open_ = torch.ones(N, dtype=torch.bool, device=u.device)  # among cols: not chosen yet
+    n_chosen = 0  # chosen among cols since the last compaction
     picks = np.zeros(k, dtype=np.int64)
-    close = False
-    neg = torch.tensor(-math.inf, dtype=u.dtype, device=u.device)
     for i in range(k):
-        gain = torch.where(blocked, neg, d2)
-        top2 = torch.topk(gain, min(2, N - i)).values if N - i > 1 else None
-        j = int(torch.argmax(gain))
-        best = float(gain[j])
+        jl = int(torch.argmax(d2))  # chosen columns hold -inf
+        best = float(d2[jl])
         if best <= tol:  # every remaining gain is exhausted: the earliest remaining item, no update
-            j = int(torch.argmin(blocked.to(torch.uint8)))
-            picks[i] = j
-            blocked[j] = True
+            jl = int(torch.argmax(open_.to(torch.uint8)))
+            picks[i], open_[jl], d2[jl] = int(cols[jl]), False, -math.inf
+            n_chosen += 1
             continue
-        if top2 is not None:
-            second = float(top2[1])
-            close |= second != best and best - second <= 1e-5 * best
+        if check and u.dtype != torch.float64 and d2.numel() - n_chosen > 1:
+            margin = 64 * math.sqrt(i + 1) * eps * qmax2
+            top = torch.topk(d2, min(8, d2.numel() - n_chosen))
+            near = (top.values >= best - margin) & ((top.values != best) | (top.indices == jl))
+            if int(near.sum()) > 1:  # contenders within rounding: re-summed in float64, the larger decides
+                c = top.indices[near].sort().values
+                g = cols[c]
+                exact = q2[g].double() * unit_row[g] - (cis[:i].index_select(1, c).double() ** 2).sum(0)
+                jl = int(c[int(torch.argmax(exact))])  # argmax: the first (earliest) of equal values
+                best = float(d2[jl])
+        j = int(cols[jl])
         picks[i] = j
-        blocked[j] = True
-        e = kernel[j] - cis[:i, j] @ cis[:i] if i else kernel[j].clone()
+        row = kernel[j] if cols.numel() == N else kernel[j].index_select(0, cols)
+        e = row - cis[:i, jl] @ cis[:i] if i else row.clone()
         e /= math.sqrt(best)
         cis[i] = e
         d2 -= e * e
-    return picks, close
+        open_[jl], d2[jl] = False, -math.inf
+        n_chosen += 1
+        if n_chosen * 8 >= cols.numel() and i + 1 < k:  # drop the chosen columns
+            cols, d2 = cols[open_], d2[open_]
+            kept_rows = cis[: i + 1].index_select(1, torch.nonzero(open_).flatten())  # a copy, then back into the buffer
+            cis = buf[: k * cols.numel()].view(k, cols.numel())
+            cis[: i + 1] = kept_rows
+            open_ = torch.ones(cols.numel(), dtype=torch.bool, device=u.device)
+            n_chosen = 0
+    return picks
 
 
 def _round_half_even(v: float) -> int:
