@@ -18,6 +18,7 @@ from speech_redundancy.compress import (
     cdpruner,
     cdpruner_exp,
     compress,
+    dpp_greedy,
     compress_batch,
     fastadasp,
     fastadasp_k,
@@ -697,3 +698,37 @@ def test_fastadasp_schedule_intervention_expands_in_build_points():
     peer = build_points(compose(["intervention=peer", "operator=visionzip", "ratio=0.7", "layer=3", "dominant=0.5"]))
     assert [(p.layer, p.operator, p.params) for p in peer] == [(3, "visionzip", {"ratio": 0.7, "dominant": 0.5,
                                                                                  "features": "hidden"})]
+
+
+def test_from_partition_orders_interleaved_groups_by_their_first_member():
+    from speech_redundancy.compress import from_partition
+
+    x = torch.arange(12.0).reshape(6, 2)
+    labels = np.array([1, 0, 1, -1, 0, 2])  # ids in any order; groups 0 and 1 interleave; token 3 dropped
+    c = from_partition(x, labels, torch.tensor([[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]))
+    assert c.groups.tolist() == [0, 1, 0, -1, 1, 2] and c.positions.tolist() == [0, 1, 5]
+    assert c.tokens[:, 0].tolist() == [20.0, 10.0, 30.0]
+    with pytest.raises(ValueError, match="every group id"):
+        from_partition(x, np.array([0, 0, 2, 2, 0, 0]), torch.zeros(3, 2))
+
+
+def test_dpp_float32_picks_equal_float64():
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(300, 400, generator=g)
+    u = u / u.norm(dim=1, keepdim=True)
+    q = torch.rand(300, generator=g) + 0.01
+    for k in (30, 150, 280):
+        assert np.array_equal(dpp_greedy(u, q, k), dpp_greedy(u.double(), q.double(), k))
+    assert dpp_greedy(u[:0], q[:0], 5).size == 0
+
+
+def test_peer_comparison_keys_preset_measures_on_keys():
+    from conftest import compose
+
+    from speech_redundancy.runner import build_points
+
+    for op in ("adjacent_merge", "fastadasp", "visionzip"):
+        cfg = compose(["experiment=peer_comparison_keys", f"operator={op}", "ratio=0.8", "data.root=/tmp"])
+        assert [p.params["features"] for p in build_points(cfg)] == ["keys"]
+    cfg = compose(["experiment=peer_comparison", "operator=samp", "ratio=0.8", "data.root=/tmp"])
+    assert build_points(cfg)[0].params["threshold"] == 0.85

@@ -218,3 +218,14 @@ def test_visionzip_groups_and_values(row, z):
     # outputs in the order of each group's first member, which is its position
     firsts = [int(np.flatnonzero(groups == g)[0]) for g in range(out.n_out)]
     assert out.positions.tolist() == firsts == sorted(firsts)
+
+
+# ------------------------------------------------------------------------------------------ SA-MAP's merge step alone
+@pytest.mark.parametrize("row, z", cases("samp")[::5])
+def test_group_merge_is_samps_released_merge_step(row, z):
+    """group_merge (plain means) groups exactly as SA-MAP's merge loop does at tau = 0.85."""
+    from speech_redundancy.compress import group_merge
+
+    i = index_of("samp", row)
+    out = group_merge(inputs(row), 0.85)
+    assert same_partition(out.groups.numpy(), key(z, i, "groups"))
