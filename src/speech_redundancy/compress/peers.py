@@ -1,24 +1,24 @@
-"""Peer methods as operators with the common index map, each from its paper's public description (our own code):
+"""Peer methods as operators with the common index map (our own code). Where the authors released code, the
+operator under the method's name reproduces it (golden data from that code: tests/fixtures/peers_golden/) and an
+adaptation to the project's rules carries its own name; the others follow their papers.
 
-    adjacent_merge   A-ToMe: merge the most similar adjacent pairs to K
-    group_merge      Samp's threshold rule: join while the mean similarity to the group is >= tau
-    attention_prune  FastV: keep the K most attended tokens
-    samp             Samp / SA-MAP: similarity-and-attention merging of neighbours, then DPP pruning to exactly K
-    visionzip        VisionZip-style: dominant tokens by received attention + contextual tokens merged from the rest
-    cdpruner         CDPruner-style conditional DPP: diversity weighted by relevance to the text prompt
-    fastadasp        FastAdaSP: attention-weighted merging of the most similar adjacent tokens (keys), per layer
-    speechprune      SpeechPrune-style: speech-text similarity per ~1 s segment, then attention rank
-    segment_topk     segment-wise top-K by attention
-    ltbm             LTBM-style local temporal bipartite merging
+    as released                          adapted (own name)
+    samp             SA-MAP / Samp       samp_k               equal K, pairwise links, exp quality
+    cdpruner         CDPruner            cdpruner_exp         positive relevance, exp quality
+    visionzip        VisionZip           visionzip_contiguous contiguous groups
+    fastadasp        FastAdaSP           fastadasp_k          equal K
+    attention_prune  FastV               attention_prune_k    equal K (floor(K T + 1/2), not round())
+    group_merge      SA-MAP's merge step alone (plain means)
 
-Shared rules. ``ratio`` K keeps exactly n_kept(K, T) tokens (every operator here guarantees it). Groups stay
-contiguous runs in temporal order (the common contract), so methods that merge far-apart tokens in vision
-(VisionZip's contextual tokens, ToMe's bipartite matching) are restricted to temporal neighbours here; each
-docstring says how. ``scores`` [T] are the attention each token received (the adapter says from where: the
-prompt's last token at LLM layer l-1, the utterance's frames in an encoder layer, at l = 0 Qwen2-Audio's audio
-encoder); ``query`` [Q, d] is the text
-prompt's hidden states at the same layer. Equal values favour earlier tokens. Similarities are cosines in float32
-(float64 for float64 input), 0 against a zero vector.
+    from papers (no public code): adjacent_merge (A-ToMe), speechprune (adapted: see its docstring),
+    segment_topk, ltbm
+
+Shared rules. Operators with a ratio keep n_kept(K, T) tokens unless their released code counts otherwise (each
+docstring says how). Groups may be any partition (outputs ordered by each group's first member, which is their
+position); only ``visionzip`` makes non-contiguous ones. ``scores`` [T] are the attention each token received (the
+point and the adapter say from where); ``query`` [Q, d] is the text prompt's hidden states at the same layer.
+Equal values favour earlier tokens (the released code's ``torch.topk`` leaves ties unordered). Similarities are
+cosines in float32 (float64 for float64 input), 0 against a zero vector.
 """
 
 from __future__ import annotations
