@@ -76,12 +76,19 @@ def same_partition(groups: np.ndarray, expected: np.ndarray) -> bool:
 
 
 def settled_picks(gains: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """The released picks made while its gains were real (above 100 eps of the first gain, not NaN); past that the
-    released loop runs on rounding noise and NaN, where the project picks exhausted items earliest first."""
+    """The released picks up to the first one float32 rounding could have decided: its gain within
+    64 sqrt(i + 1) eps g_0 of the next pick's (a near tie; the bound the project's float64 check uses), at or
+    below 100 eps g_0 (exhausted), or NaN. Past that the released loop's order is rounding (then NaN, past the
+    kernel's rank), where the project re-decides in float64 and picks exhausted items earliest first."""
     g = gains.astype(np.float64)
-    ok = np.isfinite(g) & (g > 100 * np.finfo(np.float32).eps * max(g[0], 0))
-    n = int(np.argmin(ok)) if not ok.all() else ok.size
-    return picks[:n]
+    eps = np.finfo(np.float32).eps
+    g0 = max(g[0], 0.0) if g.size else 0.0
+    for i in range(g.size):
+        if not np.isfinite(g[i]) or g[i] <= 100 * eps * g0:
+            return picks[:i]
+        if i + 1 < g.size and abs(g[i] - g[i + 1]) <= 64 * np.sqrt(i + 1) * eps * g0:
+            return picks[:i]
+    return picks[: g.size]
 
 
 # ------------------------------------------------------------------------------------------ FastV
