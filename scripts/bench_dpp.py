@@ -53,7 +53,8 @@ def main() -> None:
         plain = median_seconds(lambda: dpp_greedy(u, q, k, check=False), a.repeat, sync)
         picks32 = dpp_greedy(u, q, k, check=False)
         picks64 = dpp_greedy(u.double(), q.double(), k)
-        out[f"K={K}"] = {"k": k, "dpp_s": total, "selection_s": total - gram, "selection_over_gram": (total - gram) / gram,
+        out[f"K={K}"] = {"k": k, "dpp_s": total, "selection_s": total - gram,
+                         "selection_over_gram": (total - gram) / gram,
                          "selection_without_check_s": plain - gram,
                          "float32_picks_equal_float64": bool(np.array_equal(picks32, picks64))}
     print(json.dumps(out, indent=1))

@@ -267,7 +267,7 @@ def dpp_greedy(unit: Tensor, quality, k: int, *, check: bool = True) -> np.ndarr
         n_chosen += 1
         if n_chosen * 8 >= cols.numel() and i + 1 < k:  # drop the chosen columns
             cols, d2 = cols[open_], d2[open_]
-            kept_rows = cis[: i + 1].index_select(1, torch.nonzero(open_).flatten())  # a copy, then back into the buffer
+            kept_rows = cis[: i + 1].index_select(1, torch.nonzero(open_).flatten())  # a copy, back into buf
             cis = buf[: k * cols.numel()].view(k, cols.numel())
             cis[: i + 1] = kept_rows
             open_ = torch.ones(cols.numel(), dtype=torch.bool, device=u.device)
