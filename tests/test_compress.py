@@ -449,8 +449,8 @@ def test_attention_prune_matches_reference():
     gen = torch.Generator().manual_seed(13)
     for T in (1, 40, 300):
         scores = torch.randint(0, 5, (T,), generator=gen).float()  # many equal scores
-        want = sorted(sorted(range(T), key=lambda t: (-scores[t].item(), t))[: n_kept(0.3, T)])
-        assert attention_prune(torch.randn(T, 2), scores, 0.3).positions.tolist() == want
+        want = sorted(sorted(range(T), key=lambda t: (-scores[t].item(), t))[: max(1, round(0.3 * T))])
+        assert attention_prune(torch.randn(T, 2), scores, 0.3).positions.tolist() == want  # FastV: round()
     with pytest.raises(ValueError, match="NaN"):
         attention_prune(x, torch.full((8,), float("nan")), 0.5)
     with pytest.raises(ValueError, match="scores="):
@@ -496,6 +496,13 @@ CALLS = {
     "speechprune": (dict(ratio=0.5, segment=5), lambda x, query, scores, **k: C.speechprune(x, query, scores, 0.5, 5)),
     "segment_topk": (dict(ratio=0.5, segment=5), lambda x, scores, **k: C.segment_topk(x, scores, 0.5, 5)),
     "ltbm": (dict(ratio=0.5), lambda x, features, **k: C.ltbm(x, 0.5, features)),
+    # adapted variants under their own names
+    "attention_prune_k": (dict(ratio=0.5), lambda x, scores, **k: C.attention_prune_k(x, scores, 0.5)),
+    "samp_k": (dict(ratio=0.5), lambda x, scores, features, **k: C.samp_k(x, scores, 0.5, features=features)),
+    "visionzip_contiguous": (dict(ratio=0.5), lambda x, scores, features, **k: C.visionzip_contiguous(
+        x, scores, 0.5, features=features)),
+    "cdpruner_exp": (dict(ratio=0.5), lambda x, query, **k: C.cdpruner_exp(x, query, 0.5)),
+    "fastadasp_k": (dict(ratio=0.5), lambda x, scores, features, **k: C.fastadasp_k(x, scores, 0.5, features=features)),
 }
 
 

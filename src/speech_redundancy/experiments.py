@@ -506,7 +506,11 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
 PEER_NAMES = {"interpolate": "Interpolation", "uniform_merge": "Uniform Merge", "affinity_ratio": "AP (fixed K)",
               "adjacent_merge": "A-ToMe", "ltbm": "LTBM", "cdpruner": "CDPruner", "attention_prune": "FastV",
               "samp": "Samp / SA-MAP", "visionzip": "VisionZip", "fastadasp": "FastAdaSP",
-              "speechprune": "SpeechPrune", "segment_topk": "Segment top-K"}
+              "speechprune": "SpeechPrune", "segment_topk": "Segment top-K",
+              "attention_prune_k": "FastV (exact K)", "samp_k": "Samp (exact K)", "cdpruner_exp": "CDPruner (exp)",
+              "visionzip_contiguous": "VisionZip (contiguous)", "fastadasp_k": "FastAdaSP (exact K)"}
+# operators whose retention is set by a threshold, not by K (their rows sit at their own retention): marked
+THRESHOLD_SET = {"samp": "τ"}
 
 
 def peer_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -516,8 +520,10 @@ def peer_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
-    """Issue 13's comparison (paper Table 3 extended to the field): rows (layer, operator), columns WER (%) per
-    retention K, and the mean retention reached over those runs (``Ret. (mean)``, %); the Vanilla row on top."""
+    """Issue 13's comparison (paper Table 3 extended to the field): rows (layer, operator[, features]), per requested
+    retention K the WER (%) and the retention reached (``Ret.``, %, mean over utterances) side by side, and the mean
+    over all K (``Ret. (mean)``); the Vanilla row on top. Operators whose retention a threshold sets (Samp: tau) are
+    marked "(τ-set)": at a K their retention is what tau left, at most K."""
     d = peer_runs(df)
     d = d[d["context"] == context] if not d.empty else d
     if d.empty:
@@ -526,13 +532,22 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
     rows = []
     van = vanilla_of(df, context)
     if van:
-        rows.append({"Layer": "-", "Operator": "Vanilla", **{f"K={100 * k:g}% WER": 100 * van["wer"] for k in ratios},
-                     "Ret. (mean)": 100.0})
-    for (layer, op), g in d.groupby(["layer", "operator"], sort=True):
-        rec: dict[str, Any] = {"Layer": int(layer), "Operator": PEER_NAMES.get(op, op)}
+        rec = {"Layer": "-", "Operator": "Vanilla"}
+        for k in ratios:
+            rec[f"K={100 * k:g}% WER"], rec[f"K={100 * k:g}% Ret."] = 100 * van["wer"], 100.0
+        rows.append({**rec, "Ret. (mean)": 100.0})
+    by = ["layer", "operator"] + (["features"] if "features" in d.columns and d["features"].nunique() > 1 else [])
+    for key, g in d.groupby(by, sort=True):
+        layer, op = key[0], key[1]
+        name = PEER_NAMES.get(op, op) + (f" ({THRESHOLD_SET[op]}-set)" if op in THRESHOLD_SET else "")
+        if len(by) == 3:
+            name += f" [{key[2]}]"
+        rec: dict[str, Any] = {"Layer": int(layer), "Operator": name}
         for k in ratios:
             r = _best(g[g["ratio"].astype(float).round(3) == k])
-            rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
+            ok = r and not _isnan(r.get("wer"))
+            rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if ok else math.nan
+            rec[f"K={100 * k:g}% Ret."] = 100 * float(r["retention"]) if ok else math.nan
         rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
         rows.append(rec)
     return pd.DataFrame(rows)

@@ -38,6 +38,7 @@ from speech_redundancy.compress.core import (
     GAPS,
     Compressed,
     identity,
+    from_partition,
     n_kept,
     pool_groups,
     pool_weighted,
@@ -48,15 +49,20 @@ from speech_redundancy.compress.oracle import random_drop, spans_from_words, uni
 from speech_redundancy.compress.peers import (
     adjacent_merge,
     attention_prune,
+    attention_prune_k,
     cdpruner,
+    cdpruner_exp,
     dpp_greedy,
     fastadasp,
+    fastadasp_k,
     group_merge,
     ltbm,
     samp,
+    samp_k,
     segment_topk,
     speechprune,
     visionzip,
+    visionzip_contiguous,
 )
 from speech_redundancy.compress.registry import (
     OPERATORS,
@@ -79,4 +85,5 @@ __all__ = [
     "pool_groups", "pool_weighted", "random_drop", "samp", "schedule", "seed_for", "segment_topk",
     "similarity_band", "similarity_features", "spans_from_words", "speechprune", "uniform_drop", "uniform_merge",
     "validate", "visionzip",
+    "attention_prune_k", "cdpruner_exp", "fastadasp_k", "from_partition", "samp_k", "visionzip_contiguous",
 ]

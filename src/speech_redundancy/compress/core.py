@@ -185,6 +185,30 @@ def pool_weighted(x: Tensor, groups: Tensor | np.ndarray, weights: Tensor | np.n
     return Compressed(tokens.to(x.dtype), base.groups, base.positions)
 
 
+def from_partition(x: Tensor, labels: np.ndarray, tokens: Tensor) -> Compressed:
+    """A result from ANY partition of the kept tokens: ``labels`` [T] (ids 0..G-1 in any order, groups need not be
+    contiguous; -1 = dropped) and ``tokens`` [G, d] (the output token of each id). The outputs are renumbered in the
+    order of each group's first member, which is its position."""
+    lab = np.asarray(labels, dtype=np.int64)
+    if lab.shape != (x.shape[0],) or np.any(lab < -1):
+        raise ValueError(f"labels must have shape ({x.shape[0]},) with ids >= -1")
+    kept = np.flatnonzero(lab >= 0)
+    n = int(lab.max()) + 1 if kept.size else 0
+    if tokens.shape[0] != n:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows for {n} group ids")
+    first = np.full(n, -1, dtype=np.int64)
+    first[lab[kept][::-1]] = kept[::-1]  # the earliest member wins (the last write)
+    if np.any(first < 0):
+        raise ValueError("every group id 0..G-1 must have a member")
+    order = np.argsort(first, kind="stable")  # output j is old id order[j]
+    new_id = np.empty(n, dtype=np.int64)
+    new_id[order] = np.arange(n)
+    groups = np.where(lab >= 0, new_id[np.maximum(lab, 0)], -1)
+    dev = x.device
+    out = tokens.index_select(0, torch.from_numpy(order).to(dev)).to(x.dtype)
+    return Compressed(out, torch.from_numpy(groups).to(dev), torch.from_numpy(first[order]).to(dev))
+
+
 def identity(x: Tensor) -> Compressed:
     """No compression: every token is its own group (tokens is a copy of x)."""
     check_x(x)

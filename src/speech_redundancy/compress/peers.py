@@ -1,27 +1,29 @@
-"""Peer methods as operators with the common index map, each from its paper's public description (our own code):
+"""Peer methods as operators with the common index map (our own code). Where the authors released code, the
+operator under the method's name reproduces it (golden data from that code: tests/fixtures/peers_golden/) and an
+adaptation to the project's rules carries its own name; the others follow their papers.
 
-    adjacent_merge   A-ToMe: merge the most similar adjacent pairs to K
-    group_merge      Samp's threshold rule: join while the mean similarity to the group is >= tau
-    attention_prune  FastV: keep the K most attended tokens
-    samp             Samp / SA-MAP: similarity-and-attention merging of neighbours, then DPP pruning to exactly K
-    visionzip        VisionZip-style: dominant tokens by received attention + contextual tokens merged from the rest
-    cdpruner         CDPruner-style conditional DPP: diversity weighted by relevance to the text prompt
-    fastadasp        FastAdaSP: attention-weighted merging of the most similar adjacent tokens (keys), per layer
-    speechprune      SpeechPrune-style: speech-text similarity per ~1 s segment, then attention rank
-    segment_topk     segment-wise top-K by attention
-    ltbm             LTBM-style local temporal bipartite merging
+    as released                          adapted (own name)
+    samp             SA-MAP / Samp       samp_k               equal K, pairwise links, exp quality
+    cdpruner         CDPruner            cdpruner_exp         positive relevance, exp quality
+    visionzip        VisionZip           visionzip_contiguous contiguous groups
+    fastadasp        FastAdaSP           fastadasp_k          equal K
+    attention_prune  FastV               attention_prune_k    equal K (floor(K T + 1/2), not round())
+    group_merge      SA-MAP's merge step alone (plain means)
 
-Shared rules. ``ratio`` K keeps exactly n_kept(K, T) tokens (every operator here guarantees it). Groups stay
-contiguous runs in temporal order (the common contract), so methods that merge far-apart tokens in vision
-(VisionZip's contextual tokens, ToMe's bipartite matching) are restricted to temporal neighbours here; each
-docstring says how. ``scores`` [T] are the attention each token received (the adapter says from where: the
-prompt's last token at LLM layer l-1, the utterance's frames in an encoder layer, at l = 0 Qwen2-Audio's audio
-encoder); ``query`` [Q, d] is the text
-prompt's hidden states at the same layer. Equal values favour earlier tokens. Similarities are cosines in float32
-(float64 for float64 input), 0 against a zero vector.
+    from papers (no public code): adjacent_merge (A-ToMe), speechprune (adapted: see its docstring),
+    segment_topk, ltbm
+
+Shared rules. Operators with a ratio keep n_kept(K, T) tokens unless their released code counts otherwise (each
+docstring says how). Groups may be any partition (outputs ordered by each group's first member, which is their
+position); only ``visionzip`` makes non-contiguous ones. ``scores`` [T] are the attention each token received (the
+point and the adapter say from where); ``query`` [Q, d] is the text prompt's hidden states at the same layer.
+Equal values favour earlier tokens (the released code's ``torch.topk`` leaves ties unordered). Similarities are
+cosines in float32 (float64 for float64 input), 0 against a zero vector.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from speech_redundancy.compress.core import (
     check_threshold,
     check_x,
     empty,
+    from_partition,
     n_kept,
     pool_groups,
     pool_weighted,
@@ -108,7 +111,7 @@ def _scores(scores, T: int, name: str) -> np.ndarray:
     return s
 
 
-def attention_prune(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
+def attention_prune_k(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
     """FastV style: keep the n_kept(ratio, T) tokens with the highest ``scores`` [T] (the attention the
     text paid them at layer l-1), in temporal order; equal scores favour earlier tokens.
 
@@ -119,7 +122,7 @@ def attention_prune(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
     ratio = check_ratio(ratio)
     T = x.shape[0]
     if scores is None:
-        raise ValueError("attention_prune needs scores= ([T] attention per audio token from layer l-1)")
+        raise ValueError("attention_prune_k needs scores= ([T] attention per audio token from layer l-1)")
     s = scores.detach().double().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores, np.float64)
     if s.shape != (T,):
         raise ValueError(f"scores must have shape ({T},), got {s.shape}")
@@ -198,43 +201,90 @@ def _relevance_quality(r: np.ndarray, relevance: float) -> np.ndarray:
     return np.exp(float(relevance) * r_hat)
 
 
-def dpp_greedy(unit: Tensor, quality: np.ndarray, k: int) -> np.ndarray:
-    """Greedy MAP selection of ``k`` items under the DPP kernel L = diag(q) U U^T diag(q) (Chen et al., 2018:
-    incremental Cholesky, one kernel row per step). ``unit`` [N, F] unit (or zero) rows, ``quality`` [N] > 0.
-    Returns the chosen indices in selection order: each step takes the largest remaining marginal gain d_i^2
-    (equal gains favour earlier items; items whose gain is exhausted, e.g. duplicates or zero rows, come last,
-    earliest first), so exactly k are returned."""
+def dpp_greedy(unit: Tensor, quality, k: int, *, check: bool = True) -> np.ndarray:
+    """Greedy MAP selection of ``k`` items under the DPP kernel L = diag(q) U U^T diag(q) (Chen et al., 2018, as
+    CDPruner and SA-MAP release it: incremental Cholesky, one matrix-vector step per pick). ``unit`` [N, F] unit (or
+    zero) rows, ``quality`` [N] >= 0. Returns the chosen indices in selection order: each step takes the largest
+    remaining marginal gain d_i^2 (equal gains favour earlier items); items whose gain is exhausted (at most
+    100 eps max(q)^2: duplicates, zero rows, a kernel of lower rank than k) come last, earliest first, so exactly k
+    are returned. The released code has no such rule: past the kernel's rank its gains turn NaN.
+
+    Everything runs on ``unit``'s device in its precision (float32 for half-precision input), the Gram matrix
+    included; the first gains are q_i^2 exactly (unit rows) or 0 (zero rows). Float64 check (``check``): the
+    running float32 subtraction d_i^2 -= e_i^2 is where rounding accumulates, so when the runner-up gain lies within
+    that rounding (64 sqrt(i + 1) eps max(q)^2) of the best but is not equal to it, the contenders' gains are
+    re-summed in float64 from their Cholesky entries and the larger decides (equal: the earlier)."""
     N = unit.shape[0]
-    k = min(k, N)
+    k = min(int(k), N)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
-    gram = (unit @ unit.T).double().cpu().numpy()
-    q = np.asarray(quality, dtype=np.float64)
+    u = unit.detach().to(acc_dtype(unit.dtype))
+    q = quality.detach() if isinstance(quality, Tensor) else torch.from_numpy(np.asarray(quality, np.float64))
+    q = q.to(device=u.device, dtype=u.dtype)
+    gram = u @ u.T
     kernel = gram * q[:, None] * q[None, :]
-    # gains below tol are rounding noise of the Gram matrix (float32 for float32 input): treated as exhausted (0)
-    tol = 100 * torch.finfo(unit.dtype).eps * float(q.max()) ** 2
-    # first gains: q_i^2 for unit rows (exactly, so that equal qualities tie exactly), 0 for zero rows
-    d2 = np.where(np.diag(gram) > 0.5, q * q, 0.0)
-    chol = np.zeros((k, N))
-    chosen = np.zeros(N, dtype=bool)
+    qmax2 = float(q.max()) ** 2
+    eps = torch.finfo(u.dtype).eps
+    tol = 100 * eps * qmax2  # gains at or below: exhausted (rounding noise of the Gram matrix)
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    q2 = q * q
+    unit_row = torch.diagonal(gram) > 0.5
+    # the loop works on the columns still open (`cols`, ascending): chosen columns are dropped every N/8 picks, so
+    # the matrix-vector step shrinks as the selection grows
+    cols = torch.arange(N, device=u.device)
+    d2 = torch.where(unit_row, q2, zero)
+    buf = torch.empty(k * N, dtype=u.dtype, device=u.device)  # Cholesky rows; only rows < i are ever read
+    cis = buf.view(k, N)
+    open_ = torch.ones(N, dtype=torch.bool, device=u.device)  # among cols: not chosen yet
+    n_chosen = 0  # chosen among cols since the last compaction
     picks = np.zeros(k, dtype=np.int64)
     for i in range(k):
-        gain = np.where(chosen, -np.inf, np.where(d2 > tol, d2, 0.0))
-        j = int(np.argmax(gain))
-        picks[i], chosen[j] = j, True
-        if d2[j] <= tol:
-            continue  # exhausted: no new direction; later picks follow the remaining gains
-        e = (kernel[j] - chol[:i, j] @ chol[:i]) / np.sqrt(d2[j])
-        chol[i] = e
-        d2 = np.clip(d2 - e * e, 0.0, None)
+        jl = int(torch.argmax(d2))  # chosen columns hold -inf
+        best = float(d2[jl])
+        if best <= tol:  # every remaining gain is exhausted: the earliest remaining item, no update
+            jl = int(torch.argmax(open_.to(torch.uint8)))
+            picks[i], open_[jl], d2[jl] = int(cols[jl]), False, -math.inf
+            n_chosen += 1
+            continue
+        if check and u.dtype != torch.float64 and d2.numel() - n_chosen > 1:
+            margin = 64 * math.sqrt(i + 1) * eps * qmax2
+            top = torch.topk(d2, min(8, d2.numel() - n_chosen))
+            near = (top.values >= best - margin) & ((top.values != best) | (top.indices == jl))
+            if int(near.sum()) > 1:  # contenders within rounding: re-summed in float64, the larger decides
+                c = top.indices[near].sort().values
+                g = cols[c]
+                exact = q2[g].double() * unit_row[g] - (cis[:i].index_select(1, c).double() ** 2).sum(0)
+                jl = int(c[int(torch.argmax(exact))])  # argmax: the first (earliest) of equal values
+                best = float(d2[jl])
+        j = int(cols[jl])
+        picks[i] = j
+        row = kernel[j] if cols.numel() == N else kernel[j].index_select(0, cols)
+        e = row - cis[:i, jl] @ cis[:i] if i else row.clone()
+        e /= math.sqrt(best)
+        cis[i] = e
+        d2 -= e * e
+        open_[jl], d2[jl] = False, -math.inf
+        n_chosen += 1
+        if n_chosen * 8 >= cols.numel() and i + 1 < k:  # drop the chosen columns
+            cols, d2 = cols[open_], d2[open_]
+            kept_rows = cis[: i + 1].index_select(1, torch.nonzero(open_).flatten())  # a copy, back into buf
+            cis = buf[: k * cols.numel()].view(k, cols.numel())
+            cis[: i + 1] = kept_rows
+            open_ = torch.ones(cols.numel(), dtype=torch.bool, device=u.device)
+            n_chosen = 0
     return picks
+
+
+def _round_half_even(v: float) -> int:
+    """Python's round(): what the released code uses for counts (halves go to the even neighbour)."""
+    return int(round(v))
 
 
 # ------------------------------------------------------------------------------------------ the operators
 
 
-def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, relevance: float = 1.0,
-         features: Tensor | None = None) -> Compressed:
+def samp_k(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, relevance: float = 1.0,
+           features: Tensor | None = None) -> Compressed:
     """Samp / SA-MAP style, to exactly T' = n_kept(ratio, T) tokens, in two stages.
 
     1. Similarity-and-attention merging: adjacent pairs with cosine >= ``threshold`` are linked, most similar
@@ -248,7 +298,7 @@ def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, releva
     ratio = check_ratio(ratio)
     threshold = check_threshold(threshold)
     T = x.shape[0]
-    s = _scores(scores, T, "samp")
+    s = _scores(scores, T, "samp_k")
     f = check_features(x, features)
     if T == 0:
         return empty(x)
@@ -270,8 +320,8 @@ def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.9, releva
     return merged
 
 
-def visionzip(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
-              features: Tensor | None = None) -> Compressed:
+def visionzip_contiguous(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
+                         features: Tensor | None = None) -> Compressed:
     """VisionZip style, to exactly T' = n_kept(ratio, T) tokens: D = round(dominant * T') (at least 1) dominant
     tokens, those that received the most attention (``scores``), kept as they are; C = T' - D contextual tokens
     made from the rest. In time, the rest falls into runs between dominant tokens; a contextual group stays inside
@@ -284,7 +334,7 @@ def visionzip(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
     if isinstance(dominant, bool) or not (0 <= float(dominant) <= 1):
         raise ValueError(f"dominant must be in [0, 1], got {dominant!r}")
     T = x.shape[0]
-    s = _scores(scores, T, "visionzip")
+    s = _scores(scores, T, "visionzip_contiguous")
     if T == 0:
         check_features(x, features)
         return empty(x)
@@ -319,14 +369,14 @@ def visionzip(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
     return pool_groups(x, groups)
 
 
-def cdpruner(x: Tensor, query: Tensor, ratio: float, relevance: float = 1.0) -> Compressed:
+def cdpruner_exp(x: Tensor, query: Tensor, ratio: float, relevance: float = 1.0) -> Compressed:
     """CDPruner style conditional DPP: keep T' = n_kept(ratio, T) tokens chosen by greedy MAP under
     L = diag(q) S diag(q), S the tokens' cosines, q = exp(relevance * r_hat), r_t the mean cosine of token t with
     the text prompt's tokens ``query`` [Q, d] (min-max normalised to r_hat). The others are dropped."""
     check_x(x)
     check_finite(x)
     ratio = check_ratio(ratio)
-    q_rows = _query(query, x, "cdpruner")
+    q_rows = _query(query, x, "cdpruner_exp")
     T = x.shape[0]
     if T == 0:
         return empty(x)
@@ -349,7 +399,7 @@ def _query(query, x: Tensor, name: str) -> Tensor:
     return query.to(x.device)
 
 
-def fastadasp(x: Tensor, scores: Tensor, ratio: float, features: Tensor | None = None) -> Compressed:
+def fastadasp_k(x: Tensor, scores: Tensor, ratio: float, features: Tensor | None = None) -> Compressed:
     """FastAdaSP style weighted merge at one layer: link the T - T' most similar adjacent pairs (T' =
     n_kept(ratio, T); similarity on ``features``, the layer's keys in FastAdaSP) and replace each chain by the mean
     of its members weighted by the attention they received (``scores``). A schedule over layers is a list of such
@@ -357,12 +407,207 @@ def fastadasp(x: Tensor, scores: Tensor, ratio: float, features: Tensor | None =
     check_x(x)
     ratio = check_ratio(ratio)
     T = x.shape[0]
-    s = _scores(scores, T, "fastadasp")
+    s = _scores(scores, T, "fastadasp_k")
     if T == 0:
         check_features(x, features)
         return empty(x)
     adj = _adjacent(x, features)
     links = np.argsort(-adj, kind="stable")[: T - n_kept(ratio, T)]
+    return pool_weighted(x, _link(T, links), np.clip(s, 0, None))
+
+
+# ------------------------------------------------------------------------------------------ as released
+# Each operator below reproduces its authors' released code (golden data: tests/fixtures/peers_golden/, from their
+# repository at the commit named there); the adapted variants above keep the project's rules under their own names.
+
+SAMP_SOURCE = "Tencent/AngelSlim@fb920fb (branch SA-MAP), SA-MAP/almeval/models/qwen2_audio/qwen2_audio_pruner.py"
+CDPRUNER_SOURCE = "Theia-4869/CDPruner@9541616, llava/model/llava_arch.py (encode_images)"
+VISIONZIP_SOURCE = "dvlab-research/VisionZip@3151f6d, visionzip/clip_encoder.py (CLIPVisionTower_VisionZip.forward)"
+FASTADASP_SOURCE = "yichen14/FastAdaSP@582565a, Qwen-Audio/modeling_qwen.py (QWenBlock.merge_hidden_states, forward)"
+FASTV_SOURCE = ("pkunlp-icler/FastV@d165972, src/FastV/llava-hf/transformers/src/transformers/models/llama/"
+                "modeling_llama.py (LlamaModel.forward at layer K)")
+
+
+def _removed_share(ratio: float) -> float:
+    """The share r = 1 - K that FastV and FastAdaSP take as their parameter, rounded to 9 digits so that K = 0.7
+    gives r = 0.3 exactly as a user of their code would write it (1 - 0.7 is 0.30000000000000004 in floating point)."""
+    return round(1.0 - float(ratio), 9)
+
+
+def attention_prune(x: Tensor, scores: Tensor, ratio: float) -> Compressed:
+    """FastV as released: keep the round(T (1 - r)) tokens with the highest ``scores`` (the attention the last
+    prompt token paid them at layer K-1, mean over heads), r = 1 - ``ratio`` the pruned share; Python's round(), so
+    halves go to the even neighbour (T = 5, K = 0.5: 2 tokens, where :func:`attention_prune_k` keeps 3). Kept tokens
+    stay in temporal order; equal scores favour earlier tokens. One project rule on top: at least one token is kept
+    (FastV keeps none when round() gives 0)."""
+    check_x(x)
+    check_finite(x)
+    ratio = check_ratio(ratio)
+    T = x.shape[0]
+    s = _scores(scores, T, "attention_prune")
+    if T == 0:
+        return empty(x)
+    count = min(T, max(1, _round_half_even(T * (1 - _removed_share(ratio)))))
+    return pool_groups(x, _keep(T, _top(s, count)))
+
+
+def samp(x: Tensor, scores: Tensor, ratio: float, threshold: float = 0.85, quality: Tensor | None = None,
+         features: Tensor | None = None) -> Compressed:
+    """SA-MAP (Samp) as released: sequential merging by the mean similarity to the whole group, then DPP pruning;
+    the retention is set by ``threshold`` whenever merging leaves at most the K asked for.
+
+    1. Merge: walking the tokens in order, token t joins the current group while its mean cosine to ALL current
+       members (float32 cosines of the unit-scaled ``features``, compared with tau in float32) is >= ``threshold``;
+       no cap on merges. A group's token is the mean of its members weighted by ``scores`` (the attention each
+       token received in the audio encoder's last layer: max over heads, mean over queries); weights summing to 0
+       give the plain mean (the released code divides by 0).
+    2. Prune: k = max(round(T K), 2) (Python's round). When more than k groups remain, k are picked by greedy DPP
+       MAP under L = diag(q) S diag(q), S the cosines of the merged tokens' features and q a group's ``quality``
+       (the mean over its members of the self-attention diagonal, head mean, in the released code; ``scores``
+       when not given), used linearly. When at most k groups remain they are all kept: the released code then
+       fills its k rows with duplicates (its DPP re-picks exhausted items), which an index map cannot express and
+       which add no information; :attr:`Compressed.n_out` is the number of distinct tokens.
+
+    Its run script uses tau = 0.85 (the default). :func:`samp_k` is the equal-K adaptation."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    threshold = check_threshold(threshold)
+    T = x.shape[0]
+    s = _scores(scores, T, "samp")
+    qd = s if quality is None else _scores(quality, T, "samp (quality)")
+    f = check_features(x, features)
+    check_finite(x)
+    if f is not x:
+        check_finite(f, "features")
+    if T == 0:
+        return empty(x)
+    u = _unit(f).cpu().numpy()
+    tau = np.float32(threshold)
+    start = np.zeros(T, dtype=bool)
+    start[0] = True
+    first = 0
+    for t in range(1, T):
+        if np.float32((u[first:t] @ u[t]).mean(dtype=u.dtype)) >= tau:
+            continue
+        start[t] = True
+        first = t
+    groups = np.cumsum(start) - 1
+    weights = np.clip(s, 0, None)
+    merged = pool_weighted(x, groups, weights)
+    n1 = merged.n_out
+    k = min(T, max(_round_half_even(T * ratio), 2))
+    if n1 <= k:
+        return merged
+    merged_f = merged.tokens if f is x else pool_weighted(f, groups, weights).tokens
+    quality_g = np.bincount(groups, weights=qd) / np.bincount(groups)
+    keep = np.sort(dpp_greedy(_unit(merged_f), quality_g, k))
+    remap = np.full(n1, -1, dtype=np.int64)
+    remap[keep] = np.arange(keep.size)
+    return pool_weighted(x, remap[groups], weights)
+
+
+def cdpruner(x: Tensor, query: Tensor, ratio: float) -> Compressed:
+    """CDPruner as released: keep n_kept(K, T) tokens (its ``visual_token_num``) chosen by greedy DPP MAP under
+    L = diag(r) S diag(r), S the tokens' cosines (float32) and r the relevance used linearly: the NEGATED mean
+    cosine of each token with the text prompt's tokens ``query`` [Q, d], min-max normalised as
+    (r - min + 1e-6) / (max - min) (all equal: 1). The released code measures the relevance on CLIP's image and
+    text embeddings and the similarity on the projector output; here both are on the hidden states at the point.
+    The commented-out variants in the released code (exp(alpha r), the positive sign) are :func:`cdpruner_exp`."""
+    check_x(x)
+    check_finite(x)
+    ratio = check_ratio(ratio)
+    q_rows = _query(query, x, "cdpruner")
+    T = x.shape[0]
+    if T == 0:
+        return empty(x)
+    u = _unit(x)
+    r = -(u @ _unit(q_rows).T).mean(dim=1)
+    span = r.max() - r.min()
+    r = (r - r.min() + 1e-6) / span if float(span) > 0 else torch.ones_like(r)
+    keep = np.sort(dpp_greedy(u, r, n_kept(ratio, T)))
+    return pool_groups(x, _keep(T, keep))
+
+
+def visionzip(x: Tensor, scores: Tensor, ratio: float, dominant: float = 0.85,
+              features: Tensor | None = None) -> Compressed:
+    """VisionZip as released, to n_kept(K, T) = D + C tokens, D = max(1, round(dominant * k)) (its defaults: 54 of
+    64, 108 of 128, 162 of 192 are dominant):
+
+    1. Dominant tokens: the D that received the most attention (``scores``; equal scores: earlier first), kept
+       as they are.
+    2. Contextual tokens: of the rest (in temporal order, n tokens), C evenly strided targets (every
+       max(1, n // C)-th, the first C); each other token is assigned to its most similar target anywhere in the
+       sequence (cosine of the unit-scaled ``features``, the layer's keys in VisionZip; equal: the earlier
+       target); a contextual token is its target PLUS the mean of the tokens assigned to it (the target alone when
+       none is). No token is dropped. Groups (a target and its assigned tokens) are not contiguous: outputs are
+       ordered by each group's first member. C = 0 (a K too small for a contextual token): the rest is dropped
+       (the released code divides by C).
+    :func:`visionzip_contiguous` is the adaptation with contiguous groups."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    if isinstance(dominant, bool) or not (0 <= float(dominant) <= 1):
+        raise ValueError(f"dominant must be in [0, 1], got {dominant!r}")
+    T = x.shape[0]
+    s = _scores(scores, T, "visionzip")
+    f = check_features(x, features)
+    check_finite(x)
+    if f is not x:
+        check_finite(f, "features")
+    if T == 0:
+        return empty(x)
+    k = n_kept(ratio, T)
+    n_dom = min(k, max(1, int(np.floor(float(dominant) * k + 0.5))))
+    n_ctx = k - n_dom
+    dom = _top(s, n_dom)
+    labels = np.full(T, -1, dtype=np.int64)
+    labels[dom] = np.arange(n_dom)
+    acc = acc_dtype(x.dtype)
+    rows = [x.index_select(0, torch.from_numpy(dom).to(x.device)).to(acc)]
+    if n_ctx > 0:
+        rest = np.setdiff1d(np.arange(T), dom)
+        step = max(1, rest.size // n_ctx)
+        local = np.arange(0, rest.size, step)[:n_ctx]
+        targets = rest[local]
+        others = np.delete(rest, local)
+        fu = _unit(f)
+        dev = f.device
+        sim = fu.index_select(0, torch.from_numpy(others).to(dev)) @ fu.index_select(
+            0, torch.from_numpy(targets).to(dev)).T
+        assign = sim.argmax(dim=1).cpu().numpy() if others.size else np.zeros(0, dtype=np.int64)
+        labels[targets] = n_dom + np.arange(n_ctx)
+        labels[others] = n_dom + assign
+        dev = x.device
+        total = torch.zeros(n_ctx, x.shape[1], dtype=acc, device=dev).index_add_(
+            0, torch.from_numpy(assign).to(dev), x.index_select(0, torch.from_numpy(others).to(dev)).to(acc))
+        counts = torch.from_numpy(np.maximum(np.bincount(assign, minlength=n_ctx), 1)).to(device=dev, dtype=acc)
+        rows.append(x.index_select(0, torch.from_numpy(targets).to(dev)).to(acc) + total / counts[:, None])
+    return from_partition(x, labels, torch.cat(rows))
+
+
+def fastadasp(x: Tensor, scores: Tensor, ratio: float, features: Tensor | None = None) -> Compressed:
+    """FastAdaSP's weighted merge at one layer as released (method ``merge_weighted``): with r = 1 - ``ratio`` the
+    share it removes, the int(T r) adjacent pairs with the highest cosine (float32, on ``features``: the layer's
+    keys, all heads concatenated) are linked (equal cosines: the earlier pair first), and each chain becomes the
+    mean of its members weighted by ``scores`` (the attention each token received, summed over all queries and
+    heads, in the released code); weights summing to 0 give the plain mean (the released code divides by 0).
+    The released schedule over layers is :func:`speech_redundancy.compress.schedule` with kind
+    ``fastadasp_decay``; :func:`fastadasp_k` keeps exactly n_kept(K, T) tokens."""
+    check_x(x)
+    ratio = check_ratio(ratio)
+    T = x.shape[0]
+    s = _scores(scores, T, "fastadasp")
+    f = check_features(x, features)
+    check_finite(x)
+    if f is not x:
+        check_finite(f, "features")
+    if T == 0:
+        return empty(x)
+    m = int(T * _removed_share(ratio))
+    links = np.zeros(0, dtype=np.int64)
+    if m > 0:
+        fa = f.detach().to(acc_dtype(f.dtype))
+        cos = torch.nn.functional.cosine_similarity(fa[:-1], fa[1:], dim=1).double().cpu().numpy()
+        links = np.argsort(-cos, kind="stable")[:m]
     return pool_weighted(x, _link(T, links), np.clip(s, 0, None))
 
 

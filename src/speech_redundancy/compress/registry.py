@@ -32,7 +32,9 @@ class Operator:
     ``inputs``: "features" (similarity features; a point may then set ``features=<mode>``), "spans" (word windows,
     with a budget), "scores" (attention each token received, from layer l-1, or at l = 0 from the audio encoder where
     the adapter has one: the adapter needs eager attention there), "query" (the text prompt's hidden states at layer l: only models with a text prompt), "seed" (random
-    operators). ``source``: the paper the operator follows.
+    operators). ``source``: the paper (section) or released code (repository@commit, file) the operator follows;
+    ``fidelity``: "released" (reproduces that code on tests/fixtures/peers_golden), "adapted: <what changes>" (an
+    adaptation under its own name) or "paper" (follows the text; no code is public).
     """
 
     fn: Callable[..., Compressed]
@@ -41,6 +43,7 @@ class Operator:
     inputs: tuple[str, ...] = ()
     summary: str = ""
     source: str = ""
+    fidelity: str = "paper"  # "released" (matches the authors' code on golden data), "adapted: ..." or "paper"
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -67,38 +70,80 @@ OPERATORS: dict[str, Operator] = {
                             source=f"{_PAPER}, §5.3"),
     "adjacent_merge": Operator(peers.adjacent_merge, required=("ratio",), inputs=("features",),
                                summary="A-ToMe: merge the most similar adjacent pairs to K",
-                               source="A-ToMe (Li et al., Interspeech 2023)"),
+                               source="A-ToMe (Li et al., Interspeech 2023); no public code",
+                               fidelity="paper, not checked rule by rule here: adjacent merging to exactly K"),
     "group_merge": Operator(peers.group_merge, required=("threshold",), inputs=("features",),
-                            summary="Samp: join while the mean similarity to the group is >= tau",
-                            source="Samp / SA-MAP (Tencent AngelSlim, 2026)"),
+                            summary="Samp's merge step alone: join while the mean similarity to the group is >= tau",
+                            source=f"Samp / SA-MAP, {peers.SAMP_SOURCE}",
+                            fidelity="released merge step (plain means; samp weights them by attention)"),
     "attention_prune": Operator(peers.attention_prune, required=("ratio",), inputs=("scores",),
-                                summary="FastV: keep the K most attended tokens (scores from layer l-1)",
-                                source="FastV (Chen et al., ECCV 2024)"),
-    "samp": Operator(peers.samp, required=("ratio",), optional=("threshold", "relevance"),
-                     inputs=("features", "scores"),
-                     summary="Samp / SA-MAP: attention-weighted merging of similar neighbours (cos >= tau), then "
-                             "greedy DPP pruning to exactly K",
-                     source="Samp / SA-MAP (Tencent AngelSlim, 2026)"),
+                                summary="FastV as released: keep the round(T K) most attended tokens (scores from "
+                                        "layer l-1; Python's round)",
+                                source=f"FastV (Chen et al., ECCV 2024), {peers.FASTV_SOURCE}", fidelity="released"),
+    "attention_prune_k": Operator(peers.attention_prune_k, required=("ratio",), inputs=("scores",),
+                                  summary="FastV adapted: exactly n_kept(K, T) tokens (floor(K T + 1/2), not round())",
+                                  source=f"FastV, {peers.FASTV_SOURCE}", fidelity="adapted: the project's count"),
+    "samp": Operator(peers.samp, required=("ratio",), optional=("threshold",), inputs=("features", "scores"),
+                     summary="SA-MAP / Samp as released: sequential merging while the mean cosine to the whole "
+                             "group is >= tau (0.85), then linear-quality DPP to max(round(T K), 2); retention set "
+                             "by tau when merging leaves fewer groups",
+                     source=f"Samp / SA-MAP, {peers.SAMP_SOURCE}",
+                     fidelity="released, but the DPP quality is the scores' group mean (released: the mean of the "
+                              "encoder's self-attention diagonal, an input the step does not supply)"),
+    "samp_k": Operator(peers.samp_k, required=("ratio",), optional=("threshold", "relevance"),
+                       inputs=("features", "scores"),
+                       summary="Samp adapted to equal K: adjacent pairs with cos >= tau linked (most similar first, "
+                               "at most T - K'), attention-weighted means, exp-quality DPP to exactly K",
+                       source=f"Samp / SA-MAP, {peers.SAMP_SOURCE}",
+                       fidelity="adapted: exactly K; pairwise links capped at T - K' (released: mean cosine to the "
+                                "group, no cap); quality exp(theta r_hat) of the summed scores (released: linear)"),
     "visionzip": Operator(peers.visionzip, required=("ratio",), optional=("dominant",), inputs=("features", "scores"),
-                          summary="VisionZip-style: the most attended tokens (share `dominant` of K) kept, contextual "
-                                  "tokens merged from the rest",
-                          source="VisionZip (Yang et al., CVPR 2025)"),
-    "cdpruner": Operator(peers.cdpruner, required=("ratio",), optional=("relevance",), inputs=("query",),
-                         summary="CDPruner-style conditional DPP: diversity weighted by relevance to the text prompt",
-                         source="CDPruner (Zhang et al., 2025)"),
+                          summary="VisionZip as released: the most attended tokens (share `dominant` of K) kept; C "
+                                  "strided targets, every other token assigned to its most similar target anywhere "
+                                  "(on keys), contextual token = target + mean of assigned; non-contiguous groups",
+                          source=f"VisionZip (Yang et al., CVPR 2025), {peers.VISIONZIP_SOURCE}",
+                          fidelity="released (audio: no CLS token; D, C from K and `dominant`)"),
+    "visionzip_contiguous": Operator(peers.visionzip_contiguous, required=("ratio",), optional=("dominant",),
+                                     inputs=("features", "scores"),
+                                     summary="VisionZip adapted to contiguous groups: contextual tokens merged "
+                                             "inside the runs between dominant tokens; runs dropped when too many",
+                                     source=f"VisionZip, {peers.VISIONZIP_SOURCE}",
+                                     fidelity="adapted: contiguous groups, means (released: target + mean of "
+                                              "assigned, any position), may drop tokens"),
+    "cdpruner": Operator(peers.cdpruner, required=("ratio",), inputs=("query",),
+                         summary="CDPruner as released: conditional DPP, relevance = negated mean cosine to the "
+                                 "text prompt, min-max normalised, used linearly",
+                         source=f"CDPruner (Zhang et al., 2025), {peers.CDPRUNER_SOURCE}",
+                         fidelity="released (relevance on the hidden states, not CLIP embeddings)"),
+    "cdpruner_exp": Operator(peers.cdpruner_exp, required=("ratio",), optional=("relevance",), inputs=("query",),
+                             summary="CDPruner adapted: positive relevance, quality exp(theta r_hat) (the released "
+                                     "code's commented-out variant)",
+                             source=f"CDPruner, {peers.CDPRUNER_SOURCE}",
+                             fidelity="adapted: sign and exp quality"),
     "fastadasp": Operator(peers.fastadasp, required=("ratio",), inputs=("features", "scores"),
-                          summary="FastAdaSP: attention-weighted merging of the most similar adjacent tokens (keys), "
-                                  "one layer or a schedule",
-                          source="FastAdaSP (Lu et al., EMNLP 2024 Industry)"),
+                          summary="FastAdaSP as released: the int(T (1 - K)) most similar adjacent pairs (keys) "
+                                  "merged, attention-weighted; schedule kind fastadasp_decay",
+                          source=f"FastAdaSP (Lu et al., EMNLP 2024 Industry), {peers.FASTADASP_SOURCE}",
+                          fidelity="released at one point (where it acts and its scores: the point's settings)"),
+    "fastadasp_k": Operator(peers.fastadasp_k, required=("ratio",), inputs=("features", "scores"),
+                            summary="FastAdaSP adapted: exactly n_kept(K, T) tokens",
+                            source=f"FastAdaSP, {peers.FASTADASP_SOURCE}",
+                            fidelity="adapted: the project's count (released: int(T r) removed)"),
     "speechprune": Operator(peers.speechprune, required=("ratio",), optional=("segment",), inputs=("query", "scores"),
                             summary="SpeechPrune-style: speech-text similarity per segment (~1 s), then attention rank",
-                            source="SpeechPrune (Lin et al., 2025)"),
+                            source="SpeechPrune (Lin et al., 2025, arXiv 2412.12009); no public code",
+                            fidelity="adapted: segment budgets by size (paper: softmax of frame scores), max over "
+                                     "query tokens (paper: mean), half the pruning in phase 1 (paper: to 750 "
+                                     "tokens), phase 2 by the point's scores (paper: binarised first-layer "
+                                     "attention among audio tokens)"),
     "segment_topk": Operator(peers.segment_topk, required=("ratio",), optional=("segment",), inputs=("scores",),
                              summary="segment-wise top-K by attention (K split over segments by size)",
-                             source="segment-wise top-K on the encoder output (FACTS §7; no public code)"),
+                             source="segment-wise top-K on the encoder output (FACTS §7; no public code)",
+                             fidelity="paper, not checked rule by rule here"),
     "ltbm": Operator(peers.ltbm, required=("ratio",), inputs=("features",),
                      summary="LTBM-style local temporal bipartite merging (neighbour matches, rounds) to K",
-                     source="LTBM (local temporal bipartite merging; FACTS §7, no public code)"),
+                     source="LTBM (local temporal bipartite merging, arXiv 2605.25179); no public code",
+                     fidelity="paper, not checked rule by rule here"),
 }
 
 
@@ -315,7 +360,7 @@ def compress_batch(
 # ------------------------------------------------------------------------------------------ schedules
 
 
-SCHEDULES = ("constant", "decay")
+SCHEDULES = ("constant", "decay", "fastadasp_decay")
 
 
 def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str = "constant",
@@ -323,7 +368,9 @@ def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str 
     """One point per layer start..stop-1 (FastAdaSP's layer-by-layer merging), each keeping a fraction of the
     tokens entering it: ``constant`` keeps ``ratio`` at every layer; ``decay`` removes a share that falls linearly,
     1 - ratio at ``start`` to (1 - ratio) / n at the last of the n layers (layer i keeps
-    1 - (1 - ratio) (n - i) / n). Layers that would keep everything are left out. ``params``: the operator's other
+    1 - (1 - ratio) (n - i) / n); ``fastadasp_decay`` is FastAdaSP's released slope (yichen14/FastAdaSP@582565a,
+    Qwen-Audio/modeling_qwen.py, QWenModel.forward): layer i removes r (1 - i / (n - 1)) of the tokens entering it,
+    r = 1 - ratio, so nothing at the last layer. Layers that would keep everything are left out. ``params``: the operator's other
     parameters, the same at every layer."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule kind={kind!r} is not allowed; use one of {', '.join(SCHEDULES)}")
@@ -333,7 +380,10 @@ def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str 
     n = int(stop) - int(start)
     points = []
     for i in range(n):
-        keep = ratio if kind == "constant" else round(1 - (1 - ratio) * (n - i) / n, 6)
+        if kind == "fastadasp_decay":
+            keep = round(1 - round(1 - ratio, 9) * (1 - i / (n - 1)), 9) if n > 1 else ratio
+        else:
+            keep = ratio if kind == "constant" else round(1 - (1 - ratio) * (n - i) / n, 6)
         if keep < 1:
             points.append(Point(int(start) + i, operator_name, {**dict(params or {}), "ratio": keep}, strict=True))
     return points
