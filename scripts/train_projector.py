@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT / "src"))
 FORTUNE_FILES = ("people", "wisdom", "food", "kids", "work", "love", "pets", "education", "family", "fortunes",
                  "men-women", "miscellaneous", "politics", "sports", "literature", "humorists", "medicine")
 RECIPE_VERSION = 1
+TRAIN_SETTINGS = ("seed", "threads", "dtype", "batch", "lr", "warmup", "steps", "minutes", "eval_every",
+                  "wer_every_evals", "n_eval_loss", "n_wer", "n_clips", "n_eval")
 
 
 # ----------------------------------------------------------------------------- texts
@@ -202,7 +204,7 @@ class Trainer:
         self.scan()
         self.opt = torch.optim.AdamW(self.projector.parameters(), lr=args.lr, weight_decay=0.0)
         self.step, self.seconds, self.rng = 0, 0.0, random.Random(args.seed)
-        self.state_file = work / "state.pt"
+        self.state_file = args.work / "state.pt"
         if self.state_file.is_file():
             s = torch.load(self.state_file, weights_only=False)
             self.projector.load_state_dict(s["projector"])
@@ -252,18 +254,18 @@ class Trainer:
         logits = self.head(hidden[keep]).float()  # the LM head on target positions only
         return torch.nn.functional.cross_entropy(logits, labels[keep])
 
-    def greedy(self, item, max_new: int = 60) -> str:
+    def greedy(self, item, max_new: int = 40) -> str:
         torch = self.torch
         with torch.no_grad():
             x, _ = self.embeds(item, False)
             out = self.llm(inputs_embeds=x[None], use_cache=True)
-            cache, ids = out.past_key_values, []
+            cache, ids = out.past_key_values, []  # (the output field keeps its old name; the keyword is cache=)
             for _ in range(max_new):
                 nxt = int(self.head(out.last_hidden_state[0, -1]).argmax())
                 if nxt in self.stops:
                     break
                 ids.append(nxt)
-                out = self.llm(inputs_embeds=self.llm.embed_tokens(torch.tensor([[nxt]])), past_key_values=cache,
+                out = self.llm(inputs_embeds=self.llm.embed_tokens(torch.tensor([[nxt]])), cache=cache,
                                use_cache=True)
                 cache = out.past_key_values
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -290,7 +292,8 @@ class Trainer:
     def save(self, curve: list[dict]) -> None:
         torch = self.torch
         torch.save({"projector": self.projector.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                    "seconds": self.seconds, "rng": self.rng.getstate()}, self.state_file)
+                    "seconds": self.seconds, "rng": self.rng.getstate(),
+                    "args": {k: v for k, v in vars(self.args).items() if k in TRAIN_SETTINGS}}, self.state_file)
         write_curve(self.args.work, curve)
 
     def run(self) -> None:
@@ -320,8 +323,8 @@ class Trainer:
             self.opt.step()
             self.step += 1
             self.seconds += time.perf_counter() - t0
-            recent.append(float(loss))
-            print(f"step {self.step} loss {float(loss):.3f} lr {lr:.2e} {time.perf_counter() - t0:.1f} s/step "
+            recent.append(float(loss.detach()))
+            print(f"step {self.step} loss {recent[-1]:.3f} lr {lr:.2e} {time.perf_counter() - t0:.1f} s/step "
                   f"({self.seconds / 60:.1f} min)", flush=True)
             if self.step % args.eval_every == 0:
                 self.scan()  # clips that ``prepare`` (still running) finished since
@@ -380,17 +383,19 @@ def publish(args) -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
         "recipe_version": RECIPE_VERSION, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "steps": s["step"], "train_seconds": round(s["seconds"], 1), "settings": vars(args) | {"work": None},
+        "steps": s["step"], "train_seconds": round(s["seconds"], 1), "settings": s.get("args"),
         "data": {"texts": f"Debian fortunes 1:1.99.1-7.3 files {list(FORTUNE_FILES)}, 4..30-word quotes, 1..3 "
                           "per clip; demo texts held out (no shared 6-word run)",
                  "voice": "piper-tts 1.8.0 en_US-joe-medium; length scale 0.75..1.3, noise 0.4..0.9, noise_w "
                           "0.5..1.0, gain 0.3..0.9, white noise 10..40 dB SNR on half",
                  "train_clips": sum(p["split"] == "train" for p in have),
                  "eval_clips": sum(p["split"] == "eval" for p in have),
-                 "train_audio_seconds": None},
-        "curve": "curve.jsonl", "machine": args.machine,
+                 "train_audio_seconds": round(sum(
+                     len(np.load(args.work / "clips" / f"{p['id']}.npz")["features"]) for p in have
+                     if p["split"] == "train") / 25, 1)},
+        "curve": "curve.jsonl", "machine": args.machine, "command": args.command,
     }
-    (dest / mq.RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (dest / mq.RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"published step {s['step']} to {dest}")
 
 
@@ -415,7 +420,8 @@ def main(argv=None) -> int:
     p.add_argument("--wer-every-evals", type=int, default=2)
     p.add_argument("--n-eval-loss", type=int, default=16)
     p.add_argument("--n-wer", type=int, default=12)
-    p.add_argument("--machine", default="")
+    p.add_argument("--machine", default="", help="publish: where and how it ran (for the record)")
+    p.add_argument("--command", default="", help="publish: the train command line (for the record)")
     args = p.parse_args(argv)
     args.work = args.work or cache_dir() / "mini_train"
     if args.stage == "prepare":
