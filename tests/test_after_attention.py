@@ -287,3 +287,34 @@ def test_kv_cache_after_attention(tiny, requests_):
     got = [layer.keys.shape[-2] for layer in cache.layers]
     short = T - rec.tokens_in + rec.tokens_out
     assert got == [T + 1, T + 1, short + 1, short + 1] and list(rec.kv_tokens) == [T, T, short, short]
+
+
+def test_presets_reach_the_points():
+    """``stage`` and ``scores`` from the command line reach every point of a FastAdaSP schedule and a peer point."""
+    from conftest import compose
+
+    from speech_redundancy.runner import build_points
+
+    points = build_points(compose(["model=tiny_qwen2audio", "intervention=fastadasp_schedule", "layer=1",
+                                   "schedule_stop=3", "stage=after_attention", "scores=received"]))
+    assert [(p.layer, p.stage, p.scores, p.features) for p in points] == \
+        [(1, "after_attention", "received", "keys"), (2, "after_attention", "received", "keys")]
+    (peer,) = build_points(compose(["model=tiny_qwen2audio", "intervention=peer", "operator=attention_prune",
+                                    "ratio=0.5", "layer=2", "scores=received"]))
+    assert (peer.stage, peer.scores) == ("input", "received")
+    (plain,) = build_points(compose(["model=tiny_qwen2audio", "intervention=peer", "operator=adjacent_merge",
+                                     "ratio=0.5", "layer=2"]))
+    assert plain.as_dict() == {"layer": 2, "operator": "adjacent_merge", "params": {"ratio": 0.5, "features": "hidden"}}
+
+
+def test_whisper_refuses_what_its_encoder_cannot_do():
+    from types import SimpleNamespace
+
+    from speech_redundancy.models.whisper import WhisperModel
+
+    fake = SimpleNamespace(n_layers=4, name="whisper-tiny", attn_implementation="eager")
+    with pytest.raises(ValueError, match="stage=after_attention"):
+        WhisperModel.check_points(fake, [Point(1, "spy_plain", stage="after_attention")])
+    with pytest.raises(ValueError, match="scores=last_query"):
+        WhisperModel.check_points(fake, [Point(1, "attention_prune", {"ratio": 0.5, "scores": "last_query"})])
+    WhisperModel.check_points(fake, [Point(1, "attention_prune", {"ratio": 0.5, "scores": "received"})])
