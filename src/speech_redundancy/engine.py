@@ -2,7 +2,8 @@
 
 ``with compression(model, points, reach, ...) as session: model.generate(...)`` runs the model's own ``forward`` and
 ``generate`` with the audio span of the hidden states entering decoder layer ``l`` replaced by its compressed tokens
-(l = 0: the input embeddings; paper §3.1 H^(l)). On exit every hook is removed: the model is stock again.
+(l = 0: the input embeddings; paper §3.1 H^(l)), or, for a point with ``stage="after_attention"``, the audio span
+inside layer l after its attention (FastAdaSP's place). On exit every hook is removed: the model is stock again.
 
 What the engine does, and what it leaves to others:
 - the per-sample work at a point (similarity features, word windows, the operator, the record) is
@@ -23,7 +24,15 @@ Forward pre-hooks (``register_forward_pre_hook(..., with_kwargs=True)``), all re
   output token at its group's first member, recomputes RoPE at the chosen positions and rebuilds the causal mask for
   the new length; every later layer is handed these keyword arguments instead of the stack's full-length ones.
   During decode, a layer whose cache holds a compressed sequence gets a mask rebuilt against its own cache length
-  (and, with ``positions="renumber"``, shifted RoPE positions).
+  (and, with ``positions="renumber"``, shifted RoPE positions);
+- after-attention points: a forward hook on layer l's attention module (see ``Session._after_attention``): the
+  operator runs on residual + attention, each member's row is set to its output token, layer l's MLP runs row by
+  row, and layer l+1's pre-hook keeps one row per output token and re-assembles the batch as for an input point.
+  Layer l's attention and cache see every token; its MLP and layers > l the compressed sequence.
+
+Groups (the index-map contract, ``compress.core.Compressed``) may be any partition: contiguous runs or interleaved
+members. Nothing here assumes contiguity: each output token is placed at its group's first member (outputs are
+ordered by it), centroids and pooled keys/values are per-group means over the members wherever they lie.
 
 Positions after merging (``positions=``): ``"first"`` (default) each output token keeps its group's first original
 position (text after the audio and decode steps keep theirs; relative distances between surviving tokens are the
@@ -35,24 +44,29 @@ KV cache. Layers < l keep the full-length keys and values of the prefill, layers
 setting): KV memory is about (l T + (L - l) T') / (L T) of the stock cache. ``pool_early_kv=True`` goes beyond the
 paper: after layer l's point the cached keys and values of layers < l are pooled with the same groups. Keys are
 cached after RoPE, so a pooled key is the mean of keys rotated at their own positions: exact only for singletons.
+After layer l's attention, layer l's cache is whole too (its attention ran before the merge): layers <= l keep T.
 
 Batches (left padding, as decoder-only ``generate`` uses). After a point every sample is re-assembled from its real
 tokens and left-padded again to the longest compressed sample; layers see exactly what a one-by-one run sees, plus
 masked padding. A sample's audio slots need not be contiguous (several clips, 30 s windows separated by text): all
 of them form the one sequence the operator sees, and each output token takes its first member's place.
 
-Timing (last prefill, whole batch): ``session.point_seconds[l]`` is the wall time of the point at layer l, from its
+Timing (last prefill, whole batch): ``session.point_seconds[l]`` is the wall time of the points at layer l, from its
 input hidden states to the re-assembled batch with its positions, RoPE and masks (the paper's t_AP; synchronised
 on a GPU), and ``session.engine_seconds`` the time spent in all of the engine's prefill hooks, points included (host
 time: elsewhere on a GPU the hooks only queue small kernels).
 
 Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
-per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
-attention at layer l-1 (refused otherwise). At l = 0 there is no layer l-1: a model whose adapter gives
-``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio: attention received in its audio encoder's last layer)
-scores the input from its audio encoder instead, and the others refuse such a point. Operators needing a ``query``
-(cdpruner, speechprune) get the hidden states entering layer l of the sample's text tokens after its audio (all its
-text tokens when none follow).
+per audio token, with the point's ``scores="last_query"`` (default) the attention the prompt's last token pays it,
+averaged over heads, or with ``scores="received"`` the attention it receives from every real query (padding rows
+left out), summed over queries and heads; read at layer l-1 for an input point, at layer l itself after its
+attention. Either needs eager attention at that layer (refused otherwise, before any compute). At l = 0 an input
+point has no layer l-1: a model whose adapter gives ``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio:
+attention received in its audio encoder's last layer) scores the input from its audio encoder instead, whatever
+``scores`` says, and the others refuse such a point. ``features="keys"`` at an input point is the key projection
+of layer l's input norm; after layer l's attention it is the keys layer l attended with (rotated, as cached, heads
+side by side). Operators needing a ``query`` (cdpruner, speechprune) get the hidden states at the point of the
+sample's text tokens after its audio (all its text tokens when none follow).
 """
 
 from __future__ import annotations
