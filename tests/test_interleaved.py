@@ -249,3 +249,28 @@ def test_group_plot_draws_interleaved_groups(tmp_path):
     assert not (colours[0] == colours[1]).all()
     dropped = labels.index(-1)
     assert (colours[dropped] == figures.DROPPED_COLOUR).all()
+
+
+def test_kimi_batch_equals_one_by_one_with_interleaved_and_after_attention_points(tmp_path_factory):
+    """The tiny Kimi-Audio (its own decoding loop, stock Qwen2 layers): interleaved groups at l = 0, after the
+    attention of layer 1 and at l = 3, batched as one by one."""
+    from speech_redundancy.models import kimi
+    from speech_redundancy.models import kimi_checkpoint as ckpt
+
+    root = tmp_path_factory.mktemp("kimi")
+    ckpt_dir, tok_dir = ckpt.write_tiny(root / "tiny-kimiaudio", root / "tiny-glm4-voice-tokenizer")
+    model = kimi.load({"family": "kimi", "name": "tiny-kimiaudio", "path": str(ckpt_dir),
+                       "speech_tokenizer": str(tok_dir), "dtype": "float32", "device": "cpu", "n_layers": 4})
+    points = [Point(0, "interleave"), Point(1, "interleave", stage="after_attention"), Point(3, "interleave")]
+    reqs = [_request("k0", 0.9, 3), _request("k1", 2.4, 4)]
+    model.batch_size = 2
+    many = model.generate(reqs, points, NEW)
+    model.batch_size = 1
+    for req, got in zip(reqs, many):
+        (one,) = model.generate([req], points, NEW)
+        assert got.text == one.text
+        assert (got.groups, got.tokens_per_point) == (one.groups, one.tokens_per_point)
+        assert got.stats["layer_tokens"] == one.stats["layer_tokens"]
+        assert got.groups[0] == interleaved_labels(got.tokens_in)
+        n = got.stats["layer_tokens"]  # layers 0 and 1 after the first point, 2 after layer 1's attention, 3 after l=3
+        assert n[0] == n[1] > n[2] > n[3]
