@@ -194,7 +194,7 @@ def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "fir
             scored = p.layer if p.after_attention else p.layer - 1
             if scored >= 0 and reach.attn_implementation != "eager":
                 raise CompressionError(
-                    f"operator={p.operator} (scores={p.scores}) needs attention weights at layer {scored}, which "
+                    f"operator={p.operator} needs attention weights at layer {scored} (scores={p.scores}), which "
                     f"attn_implementation={reach.attn_implementation!r} does not return; set "
                     "model.attn_implementation=eager"
                 )
@@ -520,7 +520,8 @@ class Session:
         member's (every member's row holds the same token), then the batch re-assembled as for an input point."""
         pending, self.prefill.pending = self.prefill.pending, None
         t_batch = _clock(hidden.device) - pending.seconds
-        rows = [hidden[b].index_select(0, p.aidx[p.first]) for b, p in enumerate(pending.plans)]
+        rows = [hidden[b].index_select(0, p.aidx[_first_members(p.groups, p.n_out)])
+                for b, p in enumerate(pending.plans)]
         return self._reassemble(i, pending.layer, hidden, pending.plans, rows, t_batch, pending.step_seconds)
 
     def _steps(self, point: Point, hidden: Tensor, features: Features, scores: Tensor | None, *,
@@ -741,6 +742,15 @@ def _centroids(pos: Tensor, groups: Tensor, n_out: int) -> Tensor:
     keep = groups >= 0
     total = torch.zeros(n_out, dtype=torch.float32, device=pos.device).index_add_(0, groups[keep], pos[keep].float())
     return total / torch.bincount(groups[keep], minlength=n_out).clamp(min=1).float()
+
+
+def _first_members(groups: Tensor, n_out: int) -> Tensor:
+    """Index of each group's first (earliest) member: where the after-attention hook wrote its token (an operator's
+    ``positions`` may name another input, as ``interpolate``'s rounded source positions)."""
+    idx = torch.arange(groups.numel(), device=groups.device)
+    keep = groups >= 0
+    return torch.full((n_out,), groups.numel(), dtype=torch.long, device=groups.device).scatter_reduce_(
+        0, groups[keep], idx[keep], "amin")
 
 
 def _pool_heads(t: Tensor, groups: Tensor) -> Tensor:

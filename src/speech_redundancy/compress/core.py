@@ -56,17 +56,22 @@ def first_members(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return kept, first
 
 
-def check_index_map(out: Compressed, n_in: int) -> None:
+def check_index_map(out: Compressed, n_in: int, *, first_only: bool = True) -> None:
     """Raise ValueError unless ``out`` (one sample) keeps the index-map contract for ``n_in`` input tokens: groups
-    [n_in] long in -1..T'-1, ids numbered by first member, positions = each group's first member."""
+    [n_in] long in -1..T'-1, ids numbered by first member, positions = each group's first member (``first_only=False``:
+    positions only strictly increasing input indices, the one rule the engine needs; ``interpolate`` places its
+    samples at their rounded source positions)."""
     g = out.groups.detach().cpu().numpy().astype(np.int64, copy=False)
     if g.shape != (n_in,):
         raise ValueError(f"groups must have shape ({n_in},), got {g.shape}")
     kept, first = first_members(g)
     if first.size != out.n_out:
         raise ValueError(f"groups name {first.size} output tokens but there are {out.n_out}")
-    if not np.array_equal(out.positions.detach().cpu().numpy(), kept[first]):
+    pos = out.positions.detach().cpu().numpy()
+    if first_only and not np.array_equal(pos, kept[first]):
         raise ValueError("positions must be the input index of each group's first member")
+    if pos.shape != (out.n_out,) or (pos.size and (pos[0] < 0 or pos[-1] >= n_in or np.any(np.diff(pos) <= 0))):
+        raise ValueError(f"positions must be {out.n_out} strictly increasing input indices in 0..{n_in - 1}")
 
 
 # ------------------------------------------------------------------------------------------ small rules

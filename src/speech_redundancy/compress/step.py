@@ -106,7 +106,7 @@ def compress_step(x: Tensor, point: Point, state: SpanState, *, features: Featur
         spans = torch.searchsorted(state.origin, state.words.to(state.origin.device).contiguous())
     out = apply(spec, x, point.operator_params(), features=feats, spans=spans, scores=scores, query=query,
                 seed=state.seed)
-    check_index_map(out, x.shape[0])
+    check_index_map(out, x.shape[0], first_only=False)  # interpolate places tokens at rounded source positions
     rec = state.record
     record = replace(rec, tokens_per_point=rec.tokens_per_point + (out.n_out,),
                      groups=rec.groups + (tuple(out.groups.tolist()),),
