@@ -617,8 +617,8 @@ def test_runtime_errors():
         compress(x, "affinity", threshold=0.5, window=1, features="normed")
     with pytest.raises(ValueError, match="seeds="):
         compress_batch(x[None], torch.ones(1, 10, dtype=torch.bool), "random_drop", ratio=0.5)
-    with pytest.raises(ValueError, match="temporal order"):
-        pool_groups(x, torch.tensor([0, 1, 0, 1, 2, 3, 4, 5, 6, 7]))
+    with pytest.raises(ValueError, match="temporal order"):  # id 1 appears before id 0
+        pool_groups(x, torch.tensor([1, 0, 0, 1, 2, 3, 4, 5, 6, 7]))
 
 
 def test_seed_for_is_stable_and_spread():

@@ -2,7 +2,8 @@
 
 ``with compression(model, points, reach, ...) as session: model.generate(...)`` runs the model's own ``forward`` and
 ``generate`` with the audio span of the hidden states entering decoder layer ``l`` replaced by its compressed tokens
-(l = 0: the input embeddings; paper §3.1 H^(l)). On exit every hook is removed: the model is stock again.
+(l = 0: the input embeddings; paper §3.1 H^(l)), or, for a point with ``stage="after_attention"``, the audio span
+inside layer l after its attention (FastAdaSP's place). On exit every hook is removed: the model is stock again.
 
 What the engine does, and what it leaves to others:
 - the per-sample work at a point (similarity features, word windows, the operator, the record) is
@@ -23,7 +24,15 @@ Forward pre-hooks (``register_forward_pre_hook(..., with_kwargs=True)``), all re
   output token at its group's first member, recomputes RoPE at the chosen positions and rebuilds the causal mask for
   the new length; every later layer is handed these keyword arguments instead of the stack's full-length ones.
   During decode, a layer whose cache holds a compressed sequence gets a mask rebuilt against its own cache length
-  (and, with ``positions="renumber"``, shifted RoPE positions).
+  (and, with ``positions="renumber"``, shifted RoPE positions);
+- after-attention points: a forward hook on layer l's attention module (see ``Session._after_attention``): the
+  operator runs on residual + attention, each member's row is set to its output token, layer l's MLP runs row by
+  row, and layer l+1's pre-hook keeps one row per output token and re-assembles the batch as for an input point.
+  Layer l's attention and cache see every token; its MLP and layers > l the compressed sequence.
+
+Groups (the index-map contract, ``compress.core.Compressed``) may be any partition: contiguous runs or interleaved
+members. Nothing here assumes contiguity: each output token is placed at its group's first member (outputs are
+ordered by it), centroids and pooled keys/values are per-group means over the members wherever they lie.
 
 Positions after merging (``positions=``): ``"first"`` (default) each output token keeps its group's first original
 position (text after the audio and decode steps keep theirs; relative distances between surviving tokens are the
@@ -35,24 +44,29 @@ KV cache. Layers < l keep the full-length keys and values of the prefill, layers
 setting): KV memory is about (l T + (L - l) T') / (L T) of the stock cache. ``pool_early_kv=True`` goes beyond the
 paper: after layer l's point the cached keys and values of layers < l are pooled with the same groups. Keys are
 cached after RoPE, so a pooled key is the mean of keys rotated at their own positions: exact only for singletons.
+After layer l's attention, layer l's cache is whole too (its attention ran before the merge): layers <= l keep T.
 
 Batches (left padding, as decoder-only ``generate`` uses). After a point every sample is re-assembled from its real
 tokens and left-padded again to the longest compressed sample; layers see exactly what a one-by-one run sees, plus
 masked padding. A sample's audio slots need not be contiguous (several clips, 30 s windows separated by text): all
 of them form the one sequence the operator sees, and each output token takes its first member's place.
 
-Timing (last prefill, whole batch): ``session.point_seconds[l]`` is the wall time of the point at layer l, from its
+Timing (last prefill, whole batch): ``session.point_seconds[l]`` is the wall time of the points at layer l, from its
 input hidden states to the re-assembled batch with its positions, RoPE and masks (the paper's t_AP; synchronised
 on a GPU), and ``session.engine_seconds`` the time spent in all of the engine's prefill hooks, points included (host
 time: elsewhere on a GPU the hooks only queue small kernels).
 
 Operators needing attention ``scores`` (attention_prune, samp, visionzip, fastadasp, speechprune, segment_topk) get,
-per audio token, the attention the prompt's last token pays it at layer l-1, averaged over heads: this needs eager
-attention at layer l-1 (refused otherwise). At l = 0 there is no layer l-1: a model whose adapter gives
-``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio: attention received in its audio encoder's last layer)
-scores the input from its audio encoder instead, and the others refuse such a point. Operators needing a ``query``
-(cdpruner, speechprune) get the hidden states entering layer l of the sample's text tokens after its audio (all its
-text tokens when none follow).
+per audio token, with the point's ``scores="last_query"`` (default) the attention the prompt's last token pays it,
+averaged over heads, or with ``scores="received"`` the attention it receives from every real query (padding rows
+left out), summed over queries and heads; read at layer l-1 for an input point, at layer l itself after its
+attention. Either needs eager attention at that layer (refused otherwise, before any compute). At l = 0 an input
+point has no layer l-1: a model whose adapter gives ``Reach.input_scores`` (:class:`InputScores`; Qwen2-Audio:
+attention received in its audio encoder's last layer) scores the input from its audio encoder instead, whatever
+``scores`` says, and the others refuse such a point. ``features="keys"`` at an input point is the key projection
+of layer l's input norm; after layer l's attention it is the keys layer l attended with (rotated, as cached, heads
+side by side). Operators needing a ``query`` (cdpruner, speechprune) get the hidden states at the point of the
+sample's text tokens after its audio (all its text tokens when none follow).
 """
 
 from __future__ import annotations
@@ -116,6 +130,7 @@ class Reach:
     rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (hidden, position_ids [B, T]) -> (cos, sin)
     find_audio: Callable[[tuple, dict], Tensor | None]  # the top forward's (args, kwargs) -> audio slots [B, T]
     input_norm: Callable[[nn.Module], nn.Module] = lambda layer: layer.input_layernorm
+    post_norm: Callable[[nn.Module], nn.Module] = lambda layer: layer.post_attention_layernorm
     key_proj: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn.k_proj
     attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
     name: str = "model"
@@ -138,6 +153,17 @@ class Reach:
         module = self.layers[layer]
         return Features(norm=self.input_norm(module), key_proj=self.key_proj(module))
 
+    def attention_keys(self, layer: int, kwargs: dict) -> Tensor:
+        """The keys layer ``layer``'s attention computed from its keyword arguments (normed ``hidden_states``,
+        ``position_embeddings``): the key projection, rotated as its cache holds them, heads side by side [B, T, F]."""
+        module = self.layers[layer]
+        normed = kwargs["hidden_states"]
+        B, T, _ = normed.shape
+        keys = self.key_proj(module)(normed).view(B, T, -1, self.attention(module).head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        keys = hf.rotate_keys(self.attention(module), keys, cos, sin)
+        return keys.transpose(1, 2).reshape(B, T, -1)
+
 
 # ----------------------------------------------------------------------------- checks (before any compute)
 def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "first", pool_early_kv: bool = False) -> None:
@@ -151,25 +177,31 @@ def check_points(points: Sequence[Point], reach: Reach, *, positions: str = "fir
                 f"layer={p.layer} is beyond {reach.name}'s decoder stack of {n} layers: allowed 0..{n - 1} "
                 "(0 = the input embeddings)"
             )
+        if p.after_attention and p.layer == n - 1:
+            raise CompressionError(f"stage=after_attention at layer={p.layer}: no decoder layer follows the last one "
+                                   f"on {reach.name} to take the compressed sequence; allowed 0..{n - 2}")
         if p.needs_scores:
-            if p.layer == 0 and reach.input_scores is None:
+            if p.layer == 0 and not p.after_attention and reach.input_scores is None:
                 raise CompressionError(f"operator={p.operator} scores tokens by attention at layer l-1; layer=0 has "
-                                       f"none on {reach.name} (no audio-encoder scores)")
-            if p.layer == 0 and reach.input_scores.implementation() != "eager":
+                                       f"none on {reach.name} (no audio-encoder scores; stage=after_attention reads "
+                                       "layer 0's own)")
+            if p.layer == 0 and not p.after_attention and reach.input_scores.implementation() != "eager":
                 raise CompressionError(
                     f"operator={p.operator} at layer=0 needs the audio encoder's attention weights, which "
                     f"attn_implementation={reach.input_scores.implementation()!r} does not return; set "
                     f"{reach.input_scores.setting}"
                 )
-            if p.layer > 0 and reach.attn_implementation != "eager":
+            scored = p.layer if p.after_attention else p.layer - 1
+            if scored >= 0 and reach.attn_implementation != "eager":
                 raise CompressionError(
-                    f"operator={p.operator} needs attention weights at layer {p.layer - 1}, which "
-                    f"attn_implementation={reach.attn_implementation!r} does not return; load the model with "
-                    "attn_implementation=eager"
+                    f"operator={p.operator} needs attention weights at layer {scored} (scores={p.scores}), which "
+                    f"attn_implementation={reach.attn_implementation!r} does not return; set "
+                    "model.attn_implementation=eager"
                 )
-    layers = [p.layer for p in points]
-    if layers != sorted(set(layers)):
-        raise CompressionError(f"compression layers must be distinct and increasing, got {layers}")
+    places = [p.order for p in points]
+    if places != sorted(set(places)):
+        raise CompressionError("compression layers must be distinct and increasing (one point per layer and stage, "
+                               f"input before after_attention), got {[(p.layer, p.stage) for p in points]}")
     unknown = sorted(set(reach.layer_types()) - set(LAYER_TYPES))
     if points and unknown:
         raise CompressionError(f"{reach.name} has layer types {unknown} the engine cannot re-mask")
@@ -200,7 +232,9 @@ class Prefill:
     stages: list[Stage] = field(default_factory=list)
     kv_stage: list[int] = field(default_factory=list)  # per layer: the stage whose layout its cache holds
     override: dict[str, dict] | None = None  # per layer type: kwargs for every layer from the last point on
-    scores: dict = field(default_factory=dict)  # attention module -> [B, T] scores of the last query
+    scores: dict = field(default_factory=dict)  # (attention module, scores source) -> [B, T] scores
+    residual: Tensor | None = None  # the private copy of the input of a layer with an after-attention point
+    pending: "_Pending | None" = None  # an after-attention point's groups, re-assembled at the next layer's input
     last_pos: Tensor | None = None  # [B, 1] the last position fed so far
     inputs: dict = field(default_factory=dict)  # the top forward's keyword arguments (for InputScores.to_slots)
 
@@ -221,7 +255,6 @@ class Session:
     prefill."""
 
     def __init__(self, points, reach: Reach, *, spans=None, seeds=None, positions="first", pool_early_kv=False):
-        self.points = sorted(points, key=lambda p: p.layer)
         self.reach = reach
         self.spans = spans  # per sample: word windows [U, 2] over the audio tokens at the stack input, or None
         self.seeds = seeds
@@ -238,8 +271,11 @@ class Session:
         self.phase: str | None = None  # "prefill" | "decode" | None (pass through)
         self.prefill: Prefill | None = None
         self.decode: Decode | None = None
-        self._at = {p.layer: p for p in self.points}
-        self._stage_of = [sum(p.layer <= i for p in self.points) for i in range(reach.n_layers)]
+        self.points = sorted(points, key=lambda p: p.order)
+        self._at = {p.layer: p for p in self.points if not p.after_attention}  # input points by layer
+        self._after = {p.layer: p for p in self.points if p.after_attention}  # after-attention points by layer
+        self._stage_of = [sum(p.acts_at <= i for p in self.points) for i in range(reach.n_layers)]
+        self._sources: dict[nn.Module, set[str]] = {}  # attention module -> the scores sources read from it
         self._types = reach.layer_types()
         self._handles: list = []
 
@@ -252,10 +288,15 @@ class Session:
         for i, layer in enumerate(r.layers):
             self._handles.append(layer.register_forward_pre_hook(self._timed(self._layer_hook(i)), with_kwargs=True))
         for p in self.points:
-            if p.needs_scores and p.layer == 0:
+            if p.needs_scores and p.layer == 0 and not p.after_attention:
                 self._handles.append(r.input_scores.attention.register_forward_hook(self._input_scores_hook))
             elif p.needs_scores:
-                self._handles.append(r.attention(r.layers[p.layer - 1]).register_forward_hook(self._scores_hook))
+                self._sources.setdefault(self._scores_module(p), set()).add(p.scores)
+        for module in self._sources:
+            self._handles.append(module.register_forward_hook(self._scores_hook))
+        for i in self._after:  # after the scores hooks: a layer's scores are taken before its point runs
+            self._handles.append(r.attention(r.layers[i]).register_forward_hook(self._timed(self._after_attention(i)),
+                                                                                with_kwargs=True))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -356,11 +397,18 @@ class Session:
     def _layer_hook(self, i: int):
         def hook(module, args, kwargs):
             if self.phase == "prefill":
+                st = self.prefill
                 hidden = args[0] if args else kwargs["hidden_states"]
+                if st.pending is not None and st.pending.layer == i - 1:
+                    hidden = self._take_pending(i, hidden)
                 if i in self._at:
                     hidden = self._compress(i, self._at[i], hidden)
-                if self.prefill.override is not None:
-                    kwargs.update(self.prefill.override[self._types[i]])
+                if st.override is not None:
+                    kwargs.update(st.override[self._types[i]])
+                if i in self._after:
+                    # a private copy: the stock layer keeps its input as the residual of its attention, which the
+                    # after-attention hook rewrites (the caller's tensor, e.g. HF hidden_states[i], stays intact)
+                    hidden = st.residual = hidden.clone()
                 return _with_hidden(args, kwargs, hidden)
             if self.phase == "decode":
                 kw = self._decode_kwargs(i, args[0] if args else kwargs["hidden_states"])
@@ -375,9 +423,16 @@ class Session:
         if self.phase == "prefill" and isinstance(output, tuple) and len(output) > 1:
             weights = output[1]
             if weights is None:
-                raise CompressionError("attention weights are missing: scores need attn_implementation=eager")
-            # attention the last token pays to every key, averaged over heads: [B, T]
-            self.prefill.scores[module] = weights[:, :, -1, :].float().mean(1)
+                raise CompressionError("attention weights are missing: scores need model.attn_implementation=eager")
+            st = self.prefill
+            for source in self._sources[module]:
+                if source == "last_query":  # attention the last token pays to every key, mean over heads: [B, T]
+                    st.scores[module, source] = weights[:, :, -1, :].float().mean(1)
+                else:  # received: from every real query, summed over heads and queries (padding rows left out)
+                    per_query = weights.float().sum(1)  # [B, Tq, Tk]
+                    if st.pad is not None:
+                        per_query = per_query * st.pad[:, :, None].to(per_query.device)
+                    st.scores[module, source] = per_query.sum(1)
         return None
 
     def _input_scores_hook(self, module, args, output):
@@ -394,29 +449,87 @@ class Session:
                                        f"{int(audio.sum())} audio slots")
             full = torch.zeros(audio.shape, dtype=torch.float32, device=flat.device)
             full[audio] = flat.float()  # row by row, as the slots are filled
-            st.scores[module] = full
+            st.scores[module, "encoder"] = full
         return None
 
-    def _scores_module(self, i: int) -> nn.Module:
-        """The attention module whose scores a point at layer i reads (l = 0: the audio encoder's)."""
-        return self.reach.input_scores.attention if i == 0 else self.reach.attention(self.reach.layers[i - 1])
+    def _scores_module(self, point: Point) -> nn.Module:
+        """The attention module whose scores ``point`` reads: layer l's after its attention, else layer l-1's
+        (l = 0: the audio encoder's)."""
+        if point.after_attention:
+            return self.reach.attention(self.reach.layers[point.layer])
+        if point.layer == 0:
+            return self.reach.input_scores.attention
+        return self.reach.attention(self.reach.layers[point.layer - 1])
+
+    def _scores(self, point: Point, device) -> Tensor | None:
+        if not point.needs_scores:
+            return None
+        source = "encoder" if point.layer == 0 and not point.after_attention else point.scores
+        scores = self.prefill.scores.get((self._scores_module(point), source))
+        if scores is None:
+            raise CompressionError(f"operator={point.operator} at layer={point.layer}: no attention scores were "
+                                   "captured in this prefill")
+        return scores.to(device)
 
     # -------------------------------------------------------------- prefill: one point
     def _compress(self, i: int, point: Point, hidden: Tensor) -> Tensor:
+        """An input point at layer i: compress the audio span of ``hidden`` and re-assemble the batch."""
+        t_batch = _clock(hidden.device)
+        plans, tokens, step_seconds = self._steps(point, hidden, self.reach.features(i), self._scores(point, hidden.device))
+        return self._reassemble(i, point.layer, hidden, plans, tokens, t_batch, step_seconds)
+
+    def _after_attention(self, i: int):
+        """The forward hook on layer i's attention for its after-attention point (prefill only).
+
+        Why a hook and not a split layer call: the stock decoder layer computes ``residual + attention`` and runs
+        its MLP on the result, with no seam to shorten the sequence in between. So the hook runs the operator on
+        the post-attention states h = residual + attention (the very sum the layer forms) and writes each kept
+        audio token's output back into every member's row, exactly: the residual (the layer's private input copy)
+        takes the output token, the attention output 0, so the layer's sum is the token itself. The post-attention
+        norm and MLP act row by row, so each member's row leaves the layer as that token through the MLP; the next
+        layer's pre-hook keeps one row per output token (its first member's) and re-assembles the batch. The only
+        extra work is the MLP of layer i on the T - T' rows that go away.
+        """
+
+        def hook(module, args, kwargs, output):
+            if self.phase != "prefill":
+                return None
+            st = self.prefill
+            attn_out, rest = output[0], output[1:]
+            device = attn_out.device
+            t_batch = _clock(device)
+            point = self._after[i]
+            h = st.residual + attn_out  # as the layer forms it
+            keys = self.reach.attention_keys(i, kwargs) if point.features == "keys" else None
+            features = Features(norm=self.reach.post_norm(self.reach.layers[i]))
+            plans, tokens, step_seconds = self._steps(point, h, features, self._scores(point, device), keys=keys)
+            attn_out = attn_out.clone()
+            for b, (p, rows) in enumerate(zip(plans, tokens)):
+                kept = p.groups >= 0
+                at = p.aidx[kept]
+                st.residual[b, at] = rows.to(h.dtype).index_select(0, p.groups[kept])
+                attn_out[b, at] = 0
+            st.residual = None
+            st.pending = _Pending(i, point, plans, _clock(device) - t_batch, step_seconds)
+            return (attn_out, *rest)
+
+        return hook
+
+    def _take_pending(self, i: int, hidden: Tensor) -> Tensor:
+        """Layer i's input after an after-attention point at layer i-1: one row per output token, its first
+        member's (every member's row holds the same token), then the batch re-assembled as for an input point."""
+        pending, self.prefill.pending = self.prefill.pending, None
+        t_batch = _clock(hidden.device) - pending.seconds
+        rows = [hidden[b].index_select(0, p.aidx[_first_members(p.groups, p.n_out)])
+                for b, p in enumerate(pending.plans)]
+        return self._reassemble(i, pending.layer, hidden, pending.plans, rows, t_batch, pending.step_seconds)
+
+    def _steps(self, point: Point, hidden: Tensor, features: Features, scores: Tensor | None, *,
+               keys: Tensor | None = None) -> tuple[list["_Plan"], list[Tensor], list[float]]:
+        """The per-sample step on each sample's audio span of ``hidden`` [B, T, d]: plans, output tokens, seconds."""
         st = self.prefill
         device = hidden.device
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-        t_batch = time.perf_counter()
         B, T, _ = hidden.shape
-        features = self.reach.features(i)
-        scores = st.scores.get(self._scores_module(i)) if point.needs_scores else None
-        if point.needs_scores and scores is None:
-            raise CompressionError(f"operator={point.operator} at layer={i}: no attention scores were captured in "
-                                   "this prefill")
-        if scores is not None:
-            scores = scores.to(device)
         all_real = torch.ones(T, dtype=torch.bool, device=device)
         plans, tokens, step_seconds = [], [], []
         for b in range(B):
@@ -428,11 +541,22 @@ class Session:
             if point.needs_query:  # the prompt: text after the audio (all text when none follows)
                 after = tidx[tidx > aidx.max()] if aidx.numel() else tidx
                 query = hidden[b, after if after.numel() else tidx]
-            out, st.spans[b] = compress_step(_rows(hidden[b], aidx), point, st.spans[b], features=features,
+            feats = features if keys is None else replace(features, keys=_rows(keys[b], aidx))
+            out, st.spans[b] = compress_step(_rows(hidden[b], aidx), point, st.spans[b], features=feats,
                                              scores=None if scores is None else scores[b, aidx], query=query)
             step_seconds.append(st.spans[b].record.seconds - before)
             plans.append(_Plan(tidx, aidx, out.groups.to(device), out.positions.to(device)))
             tokens.append(out.tokens)
+        return plans, tokens, step_seconds
+
+    def _reassemble(self, i: int, layer: int, hidden: Tensor, plans: list["_Plan"], tokens: list[Tensor],
+                    t_batch: float, step_seconds: list[float]) -> Tensor:
+        """The batch entering layer i after the point of ``layer``: each sample's text rows and new audio rows in
+        sequence order (each output token at its group's first member), left-padded again; positions, RoPE and
+        masks for layers >= i; the early KV cache pooled when asked; the point's time shared out to the records."""
+        st = self.prefill
+        device = hidden.device
+        B = hidden.shape[0]
         lengths = [p.length for p in plans]
         L = max(lengths)
         new_hidden = _assemble(hidden, plans, L, dim=1, audio_rows=tokens)
@@ -457,10 +581,9 @@ class Session:
             override[kind] = {"attention_mask": mask, "position_embeddings": cos_sin, "position_ids": None}
         st.audio, st.pad, st.pos, st.override = audio, pad, pos, override
         st.stages.append(Stage(pad, lengths, shift))
-        if cuda:
-            torch.cuda.synchronize(device)
-        self.point_seconds[i] = time.perf_counter() - t_batch
-        shared = (self.point_seconds[i] - sum(step_seconds)) / B  # re-assembly, positions, masks
+        seconds = _clock(device) - t_batch
+        self.point_seconds[layer] = self.point_seconds.get(layer, 0.0) + seconds
+        shared = (seconds - sum(step_seconds)) / B  # re-assembly, positions, masks
         st.spans = [replace(s, record=replace(s.record, seconds=s.record.seconds + shared)) for s in st.spans]
         return new_hidden
 
@@ -586,6 +709,13 @@ def audio_hidden_states(model: nn.Module, reach: Reach, batch: dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------- small tensor helpers
+def _clock(device: torch.device) -> float:
+    """Wall time, after the device's queued work (a GPU is synchronised; elsewhere a plain clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _n_new(args, kwargs) -> int:
     """Tokens a forward feeds (input_ids or inputs_embeds)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -614,11 +744,31 @@ def _centroids(pos: Tensor, groups: Tensor, n_out: int) -> Tensor:
     return total / torch.bincount(groups[keep], minlength=n_out).clamp(min=1).float()
 
 
+def _first_members(groups: Tensor, n_out: int) -> Tensor:
+    """Index of each group's first (earliest) member: where the after-attention hook wrote its token (an operator's
+    ``positions`` may name another input, as ``interpolate``'s rounded source positions)."""
+    idx = torch.arange(groups.numel(), device=groups.device)
+    keep = groups >= 0
+    return torch.full((n_out,), groups.numel(), dtype=torch.long, device=groups.device).scatter_reduce_(
+        0, groups[keep], idx[keep], "amin")
+
+
 def _pool_heads(t: Tensor, groups: Tensor) -> Tensor:
     """Group means of cached keys or values [H, T, hd] along T (dropped tokens removed), through pool_groups."""
     H, T, hd = t.shape
     flat = t.permute(1, 0, 2).reshape(T, H * hd)
     return pool_groups(flat, groups).tokens.reshape(-1, H, hd).permute(1, 0, 2)
+
+
+@dataclass
+class _Pending:
+    """An after-attention point at ``layer``, waiting for the next layer's input to re-assemble the batch."""
+
+    layer: int
+    point: Point
+    plans: list["_Plan"]
+    seconds: float  # time spent so far (scores, operator, rows written back)
+    step_seconds: list[float]  # per sample: its step's share
 
 
 @dataclass

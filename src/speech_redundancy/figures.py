@@ -244,22 +244,33 @@ def sensitivity_window(d: pd.DataFrame, stem: str | Path, title: str = "", vanil
     return save(fig, stem)
 
 
+DROPPED_COLOUR = np.array([1.0, 1.0, 1.0])  # dropped tokens (group -1) are left white
+
+
+def group_colours(groups: np.ndarray) -> np.ndarray:
+    """RGB [T, 3] per input token: its group's colour (cycling over 20 by group index, so neighbouring groups
+    differ; every member of a group alike, wherever it lies), dropped tokens white."""
+    g = np.asarray(groups)
+    colours = plt.get_cmap("tab20")((np.maximum(g, 0) % 20) / 19.0)[:, :3]
+    colours[g < 0] = DROPPED_COLOUR
+    return colours
+
+
 def group_strips(strips: list[dict[str, Any]], word_spans: list[tuple[int, int]], stem: str | Path,
                  title: str = "", words: Sequence[str] = ()) -> list[Path]:
     """Figs. 5, 9-11: one strip per layer, each input token coloured by its merged group, vertical lines at word
     boundaries, the number of tokens after compression on the right axis and the transcript under each strip.
 
     ``strips``: ``{"layer", "groups" (output index per input token), "hypothesis"}`` per layer; ``word_spans``:
-    [start, end) token indices of the words on the same axis.
+    [start, end) token indices of the words on the same axis. Groups may be any partition (:func:`group_colours`):
+    interleaved groups show as alternating colours, dropped tokens as white gaps.
     """
     strips = sorted(strips, key=lambda s: s["layer"])
     n = max(len(s["groups"]) for s in strips)
     fig, ax = plt.subplots(figsize=(min(22, 4 + n / 12), 0.9 + 0.75 * len(strips)))
-    cmap = plt.get_cmap("tab20")
     for i, s in enumerate(strips):
         g = np.asarray(s["groups"])
-        # neighbouring groups get different colours: cycle over 20 colours by group index
-        colours = cmap((g % 20) / 19.0)
+        colours = group_colours(g)
         y = len(strips) - 1 - i
         ax.imshow(colours[None, :, :3], extent=(0, len(g), y + 0.1, y + 0.75), aspect="auto", interpolation="nearest")
         hyp = s.get("hypothesis") or ""

@@ -6,12 +6,15 @@ tensors and lengths, and the causal-mask builders. Kept in one module so that a 
   concatenates, so layers may hold different lengths.
 - ``create_causal_mask`` / ``create_sliding_window_causal_mask`` build the stock mask for a layer type; ``layer_idx``
   sizes it against that layer's cache (taken only where the installed signature has it).
+- Each attention family's module defines ``apply_rotary_pos_emb(q, k, cos, sin)``, which its attention forward applies
+  to the projected queries and keys [B, heads, T, head dim] before caching them.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any, Callable
 
 from torch import Tensor
@@ -87,3 +90,12 @@ def new_cache(config: Any = None) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def rotate_keys(attention: Any, keys: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``keys`` [B, KV heads, T, head dim] rotated as ``attention``'s own forward rotates them (the
+    ``apply_rotary_pos_emb`` of the module that defines its class), i.e. as its cache holds them."""
+    rotate = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if rotate is None:
+        raise NotImplementedError(f"{type(attention).__name__}: its module has no apply_rotary_pos_emb")
+    return rotate(keys, keys, cos, sin)[1]

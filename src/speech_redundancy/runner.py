@@ -160,7 +160,7 @@ def build_points(cfg: DictConfig) -> list[Point]:
                 continue
             params = dict(first.params)
             points += ops.schedule(first.operator, first.layer, int(plan.get("stop")), params.pop("ratio"),
-                                   str(plan.get("kind", "constant")), params)
+                                   str(plan.get("kind", "constant")), params, stage=first.stage)
         except (ValueError, TypeError, KeyError) as e:
             raise RunError(str(e)) from None
     return points

@@ -10,9 +10,12 @@ Glossary (the paper's symbols, used the same way in config keys, code, result co
     retention     audio tokens out / in; over all points of a run it is the paper's final retention ratio (FRR)
 
 The contract every operator keeps: it maps tokens ``x`` [T, d] to a :class:`Compressed` with ``tokens`` [T', d],
-``groups`` [T] (the output index of each input token, -1 where dropped; groups are contiguous runs, numbered
-0..T'-1 in temporal order) and ``positions`` [T'] (the input position standing for each output token: the first
-member of its group). Cosines are dot / sqrt(|a|^2 |b|^2) in float32 (float64 for float64 input), compared with tau
+``groups`` [T] (the output index of each input token, -1 where dropped) and ``positions`` [T'] (the input position
+standing for each output token: the first member of its group). Groups may be any partition of the kept tokens,
+contiguous runs or interleaved (a member need not neighbour the others); output tokens are ordered by their groups'
+first members, so ids first appear as 0, 1, 2, ... and ``positions`` increases (``core.check_index_map``). Each
+output token takes its first member's place: the engine puts it there, later points map word windows by it (a
+current token belongs to the word its first original member lies in) and group plots colour every member alike. Cosines are dot / sqrt(|a|^2 |b|^2) in float32 (float64 for float64 input), compared with tau
 in float64 on the host; 0 against a zero vector. Means accumulate in float32 for half-precision input. NaN or inf in
 the tokens or features raise ValueError; T = 0 gives an empty result. Random operators draw from their own CPU
 generator seeded by ``seed`` (:func:`seed_for`).
@@ -37,6 +40,7 @@ from speech_redundancy.compress.core import (
     FEATURE_MODES,
     GAPS,
     Compressed,
+    check_index_map,
     identity,
     from_partition,
     n_kept,
@@ -80,6 +84,7 @@ from speech_redundancy.compress.step import Features, Record, SpanState, compres
 __all__ = [
     "FEATURE_MODES", "GAPS", "OPERATORS", "SCHEDULES", "Compressed", "Features", "Operator", "Point", "Record",
     "SpanState", "adjacent_merge", "affinity_groups", "affinity_pool", "affinity_ratio", "algorithm1",
+    "check_index_map",
     "attention_prune", "cdpruner", "compress", "compress_batch", "compress_step", "cosine_band", "dpp_greedy",
     "fastadasp", "group_merge", "groups_from_band", "identity", "interpolate", "ltbm", "n_kept", "operator",
     "pool_groups", "pool_weighted", "random_drop", "samp", "schedule", "seed_for", "segment_topk",

@@ -18,7 +18,16 @@ FEATURE_MODES = ("hidden", "normed", "centered", "keys")
 
 @dataclass
 class Compressed:
-    """An operator's output: the new tokens and where each input token went."""
+    """An operator's output: the new tokens and where each input token went (the index-map contract).
+
+    ``groups`` is any partition of the kept input tokens: a group's members need not be neighbours (interleaved
+    groups, e.g. a bipartite matching or tokens assigned to distant targets, are allowed), and -1 marks a dropped
+    token. Output tokens are ordered by each group's first (earliest) member, so the group ids first appear in the
+    order 0, 1, 2, ... along the input, and ``positions[k]`` is the input index of group k's first member (strictly
+    increasing). Each output token then takes its first member's place in the sequence: what the engine, the word
+    windows of later points and the group plots rely on. Contiguous runs (Algorithm 1, the oracle) are the special
+    case where the kept ids are also non-decreasing. :func:`check_index_map` checks the contract.
+    """
 
     tokens: Tensor  # [T', d] (batched: [B, T', d], padded)
     groups: Tensor  # [T] long: output index per input token, -1 = dropped (batched: [B, T], -1 also at padding)
@@ -28,6 +37,41 @@ class Compressed:
     @property
     def n_out(self) -> int:
         return int(self.tokens.shape[-2])
+
+
+def first_members(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept input indices, index into them of each group's first member) for ``groups`` [T] (numpy, -1 = dropped);
+    raises ValueError unless the kept ids are numbered 0..T'-1 in the order of their first appearance."""
+    if np.any(groups < -1):
+        raise ValueError("groups must be >= -1 (-1 = dropped)")
+    kept = np.flatnonzero(groups >= 0)
+    gk = groups[kept]
+    # ids appear first in the order 0, 1, 2, ...: every id is at most one above the largest id before it, and a
+    # group's first member is where its id is exactly one above them all
+    before = np.maximum.accumulate(np.concatenate([[-1], gk[:-1]])) if gk.size else gk
+    if np.any(gk > before + 1):
+        raise ValueError("groups must number kept tokens 0, 1, 2, ... in the temporal order of each group's first "
+                         "member")
+    first = np.flatnonzero(gk == before + 1)
+    return kept, first
+
+
+def check_index_map(out: Compressed, n_in: int, *, first_only: bool = True) -> None:
+    """Raise ValueError unless ``out`` (one sample) keeps the index-map contract for ``n_in`` input tokens: groups
+    [n_in] long in -1..T'-1, ids numbered by first member, positions = each group's first member (``first_only=False``:
+    positions only strictly increasing input indices, the one rule the engine needs; ``interpolate`` places its
+    samples at their rounded source positions)."""
+    g = out.groups.detach().cpu().numpy().astype(np.int64, copy=False)
+    if g.shape != (n_in,):
+        raise ValueError(f"groups must have shape ({n_in},), got {g.shape}")
+    kept, first = first_members(g)
+    if first.size != out.n_out:
+        raise ValueError(f"groups name {first.size} output tokens but there are {out.n_out}")
+    pos = out.positions.detach().cpu().numpy()
+    if first_only and not np.array_equal(pos, kept[first]):
+        raise ValueError("positions must be the input index of each group's first member")
+    if pos.shape != (out.n_out,) or (pos.size and (pos[0] < 0 or pos[-1] >= n_in or np.any(np.diff(pos) <= 0))):
+        raise ValueError(f"positions must be {out.n_out} strictly increasing input indices in 0..{n_in - 1}")
 
 
 # ------------------------------------------------------------------------------------------ small rules
@@ -118,27 +162,22 @@ def empty(x: Tensor) -> Compressed:
 
 
 def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
-    """Mean-pool ``x`` [T, d] over ``groups`` [T] (ids 0..T'-1, non-decreasing over kept tokens, -1 = drop).
+    """Mean-pool ``x`` [T, d] over ``groups`` [T] (any partition of the kept tokens, ids 0..T'-1 numbered in the
+    order of each group's first member, -1 = drop; see :class:`Compressed`).
 
     Groups of one token are copied exactly; the others are averaged as the in-order sum of their rows each
-    weighted by 1/size (``embedding_bag`` with per-sample weights: one pass over the rows), in float32 (float64 for
-    float64 input); this differs from sum-then-divide by at most a few ulps.
+    weighted by 1/size (``embedding_bag`` with per-sample weights: one pass over the rows, taken group by group,
+    each group's members in temporal order), in float32 (float64 for float64 input); this differs from
+    sum-then-divide by at most a few ulps.
     """
     g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
     g = g.astype(np.int64, copy=False)
     if g.shape != (x.shape[0],):
         raise ValueError(f"groups must have shape ({x.shape[0]},), got {g.shape}")
-    kept = np.flatnonzero(g >= 0)
+    kept, first = first_members(g)
     gk = g[kept]
-    step = np.diff(gk)
-    if gk.size and (gk[0] != 0 or np.any((step < 0) | (step > 1))):
-        raise ValueError("groups must number kept tokens 0, 1, 2, ... in temporal order (steps of 0 or 1)")
-    if np.any(g < -1):
-        raise ValueError("groups must be >= -1 (-1 = dropped)")
-    n_out = int(gk[-1]) + 1 if gk.size else 0
-    first = np.searchsorted(gk, np.arange(n_out))
+    n_out = int(first.size)
     positions = kept[first]
-    counts = np.diff(np.append(first, gk.size))
     device = x.device
     groups_t = torch.from_numpy(g).to(device)
     positions_t = torch.from_numpy(positions).to(device)
@@ -147,11 +186,14 @@ def pool_groups(x: Tensor, groups: Tensor | np.ndarray) -> Compressed:
     else:
         acc = acc_dtype(x.dtype)
         src = x if x.dtype == acc else x.to(acc)
-        # group means in one fused pass: each group is a contiguous "bag" of kept rows starting at offset `first`,
-        # every row weighted by 1 / its group's size
+        # the kept rows group by group (a stable sort: members stay in temporal order; for contiguous groups this
+        # is the identity), so each group is one contiguous "bag" of rows; every row weighted by 1 / its group's size
+        order = np.argsort(gk, kind="stable")
+        counts = np.bincount(gk, minlength=n_out)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         weights = np.repeat(1.0 / counts, counts)
         tokens = torch.nn.functional.embedding_bag(
-            torch.from_numpy(kept).to(device), src, torch.from_numpy(first).to(device), mode="sum",
+            torch.from_numpy(kept[order]).to(device), src, torch.from_numpy(offsets).to(device), mode="sum",
             per_sample_weights=torch.from_numpy(weights).to(device=device, dtype=acc))
         tokens = tokens.to(x.dtype)
     return Compressed(tokens, groups_t, positions_t)

@@ -30,11 +30,12 @@ class Operator:
     """One operator: its function, the parameters a point gives it, and the per-sample inputs the step supplies.
 
     ``inputs``: "features" (similarity features; a point may then set ``features=<mode>``), "spans" (word windows,
-    with a budget), "scores" (attention each token received, from layer l-1, or at l = 0 from the audio encoder where
-    the adapter has one: the adapter needs eager attention there), "query" (the text prompt's hidden states at layer l: only models with a text prompt), "seed" (random
-    operators). ``source``: the paper (section) or released code (repository@commit, file) the operator follows;
-    ``fidelity``: "released" (reproduces that code on tests/fixtures/peers_golden), "adapted: <what changes>" (an
-    adaptation under its own name) or "paper" (follows the text; no code is public).
+    with a budget), "scores" (attention each token received, from the point's ``scores`` source: see :class:`Point`;
+    the adapter needs eager attention there), "query" (the text prompt's hidden states at the point: only models
+    with a text prompt), "seed" (random operators). ``source``: the paper (section) or released code
+    (repository@commit, file) the operator follows; ``fidelity``: "released" (reproduces that code on
+    tests/fixtures/peers_golden), "adapted: <what changes>" (an adaptation under its own name) or "paper" (follows
+    the text; no code is public). ``stage``: where the method acts unless a point says otherwise (:data:`STAGES`).
     """
 
     fn: Callable[..., Compressed]
@@ -44,12 +45,18 @@ class Operator:
     summary: str = ""
     source: str = ""
     fidelity: str = "paper"  # "released" (matches the authors' code on golden data), "adapted: ..." or "paper"
+    stage: str = "input"
 
     @property
     def params(self) -> tuple[str, ...]:
-        """Every parameter a point may set (``features`` for operators that measure similarity)."""
-        return self.required + self.optional + (("features",) if "features" in self.inputs else ())
+        """Every parameter a point may set (``features`` for operators that measure similarity, ``scores`` for
+        those scored by attention)."""
+        return (self.required + self.optional + (("features",) if "features" in self.inputs else ())
+                + (("scores",) if "scores" in self.inputs else ()))
 
+
+STAGES = ("input", "after_attention")  # where in decoder layer l a point acts (see Point)
+SCORE_SOURCES = ("last_query", "received")  # which attention a scored point reads (see Point)
 
 _ORACLE = dict(optional=("budget", "ratio", "gaps"), inputs=("spans",), source="Xiang et al. 2026, §3.1")
 _PAPER = "Xiang et al. 2026"
@@ -198,11 +205,26 @@ def validate(name: str, *, strict: bool = False, **params: Any) -> None:
             raise ValueError(f"segment must be an integer >= 1 (tokens per segment), got {v!r}")
     if params.get("features") is not None and params["features"] not in FEATURE_MODES:
         raise ValueError(f"unknown features mode {params['features']!r}; allowed: {', '.join(FEATURE_MODES)}")
+    if params.get("scores") is not None and params["scores"] not in SCORE_SOURCES:
+        raise ValueError(f"unknown scores source {params['scores']!r}; allowed: {', '.join(SCORE_SOURCES)}")
 
 
 @dataclass
 class Point:
-    """One compression point: ``operator`` with ``params`` applied to the audio tokens entering layer l.
+    """One compression point: ``operator`` with ``params`` applied to the audio tokens at layer l, where ``stage``
+    says (default: the operator's, else "input"):
+
+    - ``"input"``: the tokens entering decoder layer l (HF hidden_states[l]; l = 0: the input embeddings, or for
+      encoders the input of encoder layer l); layers >= l see the compressed sequence;
+    - ``"after_attention"``: inside decoder layer l, after its attention and residual, before its MLP (FastAdaSP):
+      layer l's attention and cache see every token, its MLP and layers > l the compressed sequence. Similarity
+      ``features`` there: ``hidden`` the post-attention states, ``normed`` them through the post-attention norm,
+      ``keys`` the keys layer l attended with (after RoPE, as its cache holds them).
+
+    ``params["scores"]`` (operators scored by attention): ``"last_query"`` (default) the attention the prompt's last
+    token pays each audio token, mean over heads; ``"received"`` the attention each token receives from every real
+    query, summed over queries and heads (FastAdaSP). Read at layer l-1 for an input point (at l = 0 both read the
+    model's audio encoder where its adapter has one), at layer l itself after its attention.
 
     Checked on construction against the operator table (``strict=True``, the rule for runs, also bounds tau to
     [-1, 1]). Adapters check only facts about their model (depth, attention implementation).
@@ -212,6 +234,7 @@ class Point:
     operator: str
     params: dict[str, Any] = field(default_factory=dict)
     strict: bool = field(default=False, repr=False, compare=False)
+    stage: str | None = None  # None: the operator's default stage
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) or self.layer < 0:
@@ -219,16 +242,20 @@ class Point:
         self.layer = int(self.layer)
         self.params = dict(self.params)
         validate(self.operator, strict=self.strict, **self.params)
+        if self.stage is None:
+            self.stage = self.spec.stage
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is not allowed; use one of {', '.join(STAGES)}")
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> "Point":
-        """A point from a config entry ``{layer, operator, params}`` (a run: strict). Of the shared keys in
-        ``params`` (budget, gaps, ratio, threshold, window, features) only those the operator takes are kept, so one
-        preset serves several operators; None values are dropped."""
+        """A point from a config entry ``{layer, operator, params, stage}`` (a run: strict). Of the shared keys in
+        ``params`` (budget, gaps, ratio, threshold, window, features, scores, ...) only those the operator takes
+        are kept, so one preset serves several operators; None values are dropped, and so is a None stage."""
         name = raw.get("operator")
         accepted = operator(name).params
         params = {k: v for k, v in (raw.get("params") or {}).items() if k in accepted and v is not None}
-        return cls(layer=raw.get("layer"), operator=name, params=params, strict=True)
+        return cls(layer=raw.get("layer"), operator=name, params=params, strict=True, stage=raw.get("stage"))
 
     @property
     def spec(self) -> Operator:
@@ -252,12 +279,36 @@ class Point:
     def needs_query(self) -> bool:
         return "query" in self.spec.inputs
 
+    @property
+    def scores(self) -> str:
+        """Which attention a scored point reads (:data:`SCORE_SOURCES`)."""
+        return self.params.get("scores", "last_query")
+
+    @property
+    def after_attention(self) -> bool:
+        return self.stage == "after_attention"
+
+    @property
+    def acts_at(self) -> int:
+        """The first layer whose input is the compressed sequence (l, or l + 1 after layer l's attention)."""
+        return self.layer + int(self.after_attention)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the point sits in the forward pass (points of a run must be in this order, each place once)."""
+        return self.layer, STAGES.index(self.stage)
+
     def operator_params(self) -> dict[str, Any]:
-        """The parameters handed to the operator function (the features mode is resolved by the step)."""
-        return {k: v for k, v in self.params.items() if k != "features"}
+        """The parameters handed to the operator function (the features mode and the scores source are resolved by
+        the step and the adapter)."""
+        return {k: v for k, v in self.params.items() if k not in ("features", "scores")}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "operator": self.operator, "params": dict(self.params)}
+        """The point as a config entry; ``stage`` only where it is not "input" (run fingerprints stay as before)."""
+        out = {"layer": self.layer, "operator": self.operator, "params": dict(self.params)}
+        if self.stage != "input":
+            out["stage"] = self.stage
+        return out
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -364,14 +415,15 @@ SCHEDULES = ("constant", "decay", "fastadasp_decay")
 
 
 def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str = "constant",
-             params: Mapping[str, Any] | None = None) -> list[Point]:
+             params: Mapping[str, Any] | None = None, stage: str | None = None) -> list[Point]:
     """One point per layer start..stop-1 (FastAdaSP's layer-by-layer merging), each keeping a fraction of the
     tokens entering it: ``constant`` keeps ``ratio`` at every layer; ``decay`` removes a share that falls linearly,
     1 - ratio at ``start`` to (1 - ratio) / n at the last of the n layers (layer i keeps
     1 - (1 - ratio) (n - i) / n); ``fastadasp_decay`` is FastAdaSP's released slope (yichen14/FastAdaSP@582565a,
     Qwen-Audio/modeling_qwen.py, QWenModel.forward): layer i removes r (1 - i / (n - 1)) of the tokens entering it,
-    r = 1 - ratio, so nothing at the last layer. Layers that would keep everything are left out. ``params``: the operator's other
-    parameters, the same at every layer."""
+    r = 1 - ratio, so nothing at the last layer. Layers that would keep everything are left out. ``params``: the
+    operator's other parameters, the same at every layer; ``stage`` where in each layer (None: the operator's
+    default)."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule kind={kind!r} is not allowed; use one of {', '.join(SCHEDULES)}")
     ratio = check_ratio(ratio)
@@ -385,5 +437,6 @@ def schedule(operator_name: str, start: int, stop: int, ratio: float, kind: str 
         else:
             keep = ratio if kind == "constant" else round(1 - (1 - ratio) * (n - i) / n, 6)
         if keep < 1:
-            points.append(Point(int(start) + i, operator_name, {**dict(params or {}), "ratio": keep}, strict=True))
+            points.append(Point(int(start) + i, operator_name, {**dict(params or {}), "ratio": keep}, strict=True,
+                                stage=stage))
     return points

@@ -68,6 +68,12 @@ class WhisperModel:
                 )
             if p.features == "keys" and p.layer == self.n_layers:
                 raise ValueError(f"features=keys needs an attention layer; layer={p.layer} is the encoder output")
+            if p.after_attention:
+                raise ValueError(f"stage=after_attention: {self.name}'s points act at the input of encoder layer l "
+                                 "(stage=input) only")
+            if p.needs_scores and p.params.get("scores") == "last_query":
+                raise ValueError(f"scores=last_query: {self.name}'s encoder has no prompt token; its scores are the "
+                                 "attention each frame receives (mean over queries and heads): scores=received")
             if p.needs_query:
                 raise ValueError(f"operator={p.operator} needs a text prompt (the query it ranks tokens against); "
                                  f"{self.name} has none: use it with a speech LLM (e.g. model=qwen2audio)")
