@@ -172,3 +172,9 @@ def test_score_bleu_interval():
 def test_bootstrap_from_config():
     assert S.Bootstrap.from_config(None) == S.Bootstrap()
     assert S.Bootstrap.from_config({"resamples": 200, "seed": 3}) == S.Bootstrap(200, 3, 0.95)
+
+
+def test_resamples_without_a_reference_unit_are_left_out():
+    # harness protocols count empty references: a resample of only the empty one has no rate and is skipped
+    lo, hi = S.rate_interval([2, 0, 1], [0, 5, 4], S.Bootstrap(resamples=2000, seed=0))
+    assert not math.isnan(lo) and 0.0 <= lo <= 3 / 9 <= hi

@@ -21,6 +21,7 @@ or utterances that all score the same, give the point itself as both ends.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -86,10 +87,21 @@ def _percentile_bootstrap(data: tuple[np.ndarray, ...], statistic, boot: Bootstr
         return NAN_PAIR
     if len(data[0]) < 2 or all(np.all(d == d[0]) for d in data):
         return point, point  # every resample is the sample itself
-    res = ss.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=int(boot.resamples),
-                       confidence_level=float(boot.level), method="percentile", rng=boot.rng(salt))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return lo, hi
+    with warnings.catch_warnings():  # resamples of only empty references (no unit: NaN) are left out below
+        warnings.simplefilter("ignore", ss.DegenerateDataWarning)
+        res = ss.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=int(boot.resamples),
+                           confidence_level=float(boot.level), method="percentile", rng=boot.rng(salt))
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    if not np.isnan(dist).any():
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    dist = dist[~np.isnan(dist)]
+    return _percentiles(dist, boot.level) if dist.size else NAN_PAIR
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1.0 - level) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi)
 
 
 def rate_interval(num: Sequence[float], den: Sequence[float] | None = None, boot: Bootstrap = DEFAULT,
