@@ -1,6 +1,7 @@
 """Every paper table and figure from whatever results exist (``make figures``).
 
     python scripts/make_figures.py [--outputs outputs] [--out outputs/figures] [--utterance ID] [--protocol NAME]
+                                   [--resamples 1000] [--seed 0] [--reference main=DAP ...]
 
 Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]), merges shards and repeated runs
 (speech_redundancy.experiments), and writes into ``--out``:
@@ -22,6 +23,11 @@ Scans ``--outputs`` for run folders (run.json + results.jsonl [+ summary.json]),
     protocols_<ctx>.*                                          (ASR/ST runs: the same hypotheses under each protocol)
     report.txt                                                                      (what was written / skipped)
 
+Every WER, cWER and BLEU in a table has its 95 % interval beside it (``<column> CI``, a bootstrap over utterances:
+speech_redundancy.stats); the comparison tables (oracle, affinity, main, fixed ratio, peers) get a
+``<stem>_paired.*`` table beside them: each cell minus Vanilla and minus the reference method (``--reference``)
+over the utterances both runs scored, paired on ids, with an interval, a randomisation p-value and Holm's
+correction over the table; cells not significantly different from Vanilla say ``ns`` after their interval.
 Every run is scored under its own scoring protocol (``--protocol NAME``: all under NAME); captions and
 ``runs.csv`` name it. Everything comes from the run folders alone (group plots take word boundaries from the rows' ``word_spans``).
 Each table or figure without data is skipped with one line saying so; malformed result lines are reported as
@@ -46,11 +52,17 @@ from speech_redundancy import experiments as ex  # noqa: E402
 from speech_redundancy import figures as figs  # noqa: E402
 
 
+# the method every other row of a comparison table is also compared with (besides Vanilla); --reference TABLE=METHOD
+REFERENCES = {"main": "DAP", "fixed_ratio": "AP_in", "peers": "AP (fixed K)"}
+
+
 class Report:
     def __init__(self):
         self.written: list[Path] = []
         self.skipped: list[str] = []
         self.problems: list[str] = []
+        self.bootstrap = None  # stats.Bootstrap of --resamples / --seed
+        self.references = dict(REFERENCES)
 
     def wrote(self, paths):
         self.written.extend(paths)
@@ -73,6 +85,21 @@ def _protocol(d) -> str:
     return f"; protocol {', '.join(used)}" if used else ""
 
 
+def write_compared(t, df, out, stem, caption, rep, *, label, reference=None, within=(), vanilla=None):
+    """``t`` with its intervals, cells not significantly different from Vanilla marked ``ns``, and beside it
+    ``<stem>_paired``: every cell against Vanilla and ``reference`` over the shared utterances (Holm)."""
+    paired = ex.paired_table(t, df, label=label, reference=reference, within=within, vanilla=vanilla,
+                             bootstrap=rep.bootstrap)
+    rep.wrote(ex.write_table(ex.mark_not_significant(t, paired), out, stem,
+                             caption + "; [95% interval over utterances], ns: not significantly different from Vanilla "
+                             f"(paired, Holm) — {stem}_paired"))
+    if not paired.empty:
+        ref = f" and to {reference}" if reference else ""
+        rep.wrote(ex.write_table(paired.drop(columns=["row"]), out, f"{stem}_paired",
+                                 f"Paired differences to Vanilla{ref} over the same utterances (points; bootstrap "
+                                 f"interval, randomisation p, Holm over the table; *: p (Holm) < 0.05) — {stem}"))
+
+
 def oracle(df, out, rep):
     d = ex.oracle_runs(df)
     if d.empty:
@@ -85,7 +112,8 @@ def oracle(df, out, rep):
         cap = f"Oracle interventions, {name}: WER / cWER (%) per operator, token ratio and layer"
         cap += f"; vanilla WER {100 * van['wer']:.2f}" if van and van.get("wer") is not None else "; no vanilla run"
         cap += _protocol(d[d["context"] == ctx])
-        rep.wrote(ex.write_table(t, out, f"table4_oracle_{name}", cap))
+        write_compared(t, df, out, f"table4_oracle_{name}", cap, rep, label="Operator", within=("R",),
+                       vanilla=van["run_key"] if van else None)
         rep.wrote(figs.oracle_layers(d[d["context"] == ctx], out / f"fig2_oracle_{name}",
                                      f"Layer-wise oracle interventions — {name}", van))
 
@@ -107,9 +135,9 @@ def affinity(df, out, rep):
             stem = f"{name}_w{int(window)}_{feat}"
             if g["layer"].nunique() >= 2:
                 t = ex.affinity_table(df, ctx, window, feat)
-                rep.wrote(ex.write_table(t, out, f"table6_affinity_{stem}",
-                                         f"Affinity Pooling, {name}, omega={int(window)}, features={feat}: WER, cWER, "
-                                         f"Ratio (%){_protocol(g)}"))
+                write_compared(t, df, out, f"table6_affinity_{stem}",
+                               f"Affinity Pooling, {name}, omega={int(window)}, features={feat}: WER, cWER, "
+                               f"Ratio (%){_protocol(g)}", rep, label="Layer", vanilla=van["run_key"] if van else None)
                 rep.wrote(figs.affinity_layers(g, out / f"fig4_affinity_{stem}",
                                                f"Affinity Pooling ω={int(window)} ({feat}) — {name}", van))
             if g["threshold"].nunique() >= 2 and g["layer"].nunique() >= 2:
@@ -129,28 +157,35 @@ def affinity(df, out, rep):
         rep.skip("Fig. 7 (sensitivity_window)", "no layer with affinity runs at two or more windows")
 
 
-def per_model_table(df, out, rep, build, stem, caption, what, reason, min_rows=1):
-    """One table per model from ``build(df, model)``; says what was skipped when no model has the data."""
+def per_model_table(df, out, rep, build, stem, caption, what, reason, min_rows=1, compare=None):
+    """One table per model from ``build(df, model)``; says what was skipped when no model has the data. With
+    ``compare`` (:func:`write_compared`'s label / reference / within): the paired table beside it."""
     done = 0
     for m in (sorted(df["model"].unique()) if not df.empty else []):
         t = build(df, m)
         if len(t) < min_rows:
             continue
         done += 1
-        rep.wrote(ex.write_table(t, out, f"{stem}_{_slug(m)}", caption.format(model=m) + _protocol(df[df["model"] == m])))
+        cap = caption.format(model=m) + _protocol(df[df["model"] == m])
+        if compare:
+            write_compared(t, df, out, f"{stem}_{_slug(m)}", cap, rep, **compare)
+        else:
+            rep.wrote(ex.write_table(t, out, f"{stem}_{_slug(m)}", cap))
     if not done:
         rep.skip(what, reason)
 
 
 def main_results(df, out, rep):
     per_model_table(df, out, rep, ex.main_table, "table1_main", "Main results, {model}: FRR (%), WER (%) / BLEU per dataset",
-                    "Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)")
+                    "Tables 1/8 (main_results)", "no DAP runs (intervention=dap or experiment=main_results)",
+                    compare={"label": "Method", "reference": rep.references.get("main"), "within": ("Setting",)})
 
 
 def fixed_ratio(df, out, rep):
     per_model_table(df, out, rep, ex.fixed_ratio_table, "table3_fixed_ratio",
                     "Fixed retention K at the input point, {model}: WER (%)", "Table 3 (fixed_ratio)",
-                    "no speedup or fixed_ratio runs", min_rows=2)
+                    "no speedup or fixed_ratio runs", min_rows=2,
+                    compare={"label": "Method", "reference": rep.references.get("fixed_ratio"), "within": ("Budget",)})
 
 
 def peers(df, out, rep):
@@ -163,7 +198,8 @@ def peers(df, out, rep):
         dc = d[d["context"] == ctx]
         van = ex.vanilla_of(df, ctx)
         cap = f"The field at fixed retention K, {name}: WER (%) per operator and layer{_protocol(dc)}"
-        rep.wrote(ex.write_table(ex.peer_table(df, ctx), out, f"table_peers_{name}", cap))
+        write_compared(ex.peer_table(df, ctx), df, out, f"table_peers_{name}", cap, rep, label="Operator",
+                       reference=rep.references.get("peers"), within=("Layer",))
         rep.wrote(figs.peer_comparison(dc, out / f"fig_peers_{name}", f"WER against retention — {name}", van))
 
 
@@ -307,14 +343,24 @@ def main(argv: list[str] | None = None) -> Report:
     ap.add_argument("--utterance", default=None, help="utterance id for the trajectory table")
     ap.add_argument("--protocol", default=None, choices=ex.protocols.NAMES,
                     help="score every run under this protocol (default: each run's own)")
+    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval and test")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--reference", action="append", default=[], metavar="TABLE=METHOD",
+                    help=f"the method a comparison table is also compared with (default {REFERENCES})")
     args = ap.parse_args(argv)
     out = args.out or args.outputs / "figures"
     out.mkdir(parents=True, exist_ok=True)
     rep = Report()
-    df, runs, problems = ex.collect(args.outputs, args.protocol)
+    rep.bootstrap = ex.stats.Bootstrap(resamples=args.resamples, seed=args.seed)
+    for item in args.reference:
+        table, sep, method = item.partition("=")
+        if not sep or table not in REFERENCES:
+            ap.error(f"--reference {item!r}: expected TABLE=METHOD with TABLE one of {', '.join(REFERENCES)}")
+        rep.references[table] = method or None
+    df, runs, problems = ex.collect(args.outputs, args.protocol, rep.bootstrap)
     rep.problems.extend(problems)
     if not df.empty:
-        df.drop(columns=["dirs"]).to_csv(out / "runs.csv", index=False)
+        df.drop(columns=["dirs", "utt"], errors="ignore").to_csv(out / "runs.csv", index=False)
         rep.wrote([out / "runs.csv"])
     oracle(df, out, rep)
     affinity(df, out, rep)

@@ -1,5 +1,5 @@
 """Score a finished run again from its results.jsonl, without running the model:
-``python scripts/rescore.py RUN_DIR [--protocol NAME|all] [--judge http ...]``.
+``python scripts/rescore.py RUN_DIR [--protocol NAME|all] [--judge http ...] [--resamples 1000 --seed 0]``.
 
 Without ``--protocol`` the run's own scoring protocol is used and ``RUN_DIR/rescored.json`` written; with
 ``--protocol NAME`` the same hypotheses are scored under that harness's rules into ``RUN_DIR/rescored.NAME.json``
@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from speech_redundancy.judge import make_judge  # noqa: E402
 from speech_redundancy.protocols import NAMES  # noqa: E402
 from speech_redundancy.rescore import format_comparison, rescore  # noqa: E402
+from speech_redundancy.stats import Bootstrap  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,17 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-model", help="hf: model name or path; http: served model name")
     p.add_argument("--judge-api-key", help="http judge: bearer token, if the server wants one")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not write <run_dir>/judge_cache.jsonl")
+    p.add_argument("--resamples", type=int, default=Bootstrap.resamples, help="bootstrap resamples per interval")
+    p.add_argument("--seed", type=int, default=Bootstrap.seed, help="bootstrap seed")
     args = p.parse_args(argv)
     kwargs = {"api_key": args.judge_api_key} if args.judge == "http" and args.judge_api_key else {}
     try:
         judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, **kwargs)
+        boot = Bootstrap(resamples=args.resamples, seed=args.seed)
         if args.protocol != "all":
-            rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=args.protocol)
+            rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=args.protocol, bootstrap=boot)
             return 0
         done = {}
         for name in NAMES:
             try:
-                done[name] = rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=name, quiet=True)
+                done[name] = rescore(args.run_dir, judge=judge, cache=not args.no_cache, protocol=name, quiet=True,
+                                     bootstrap=boot)
             except ValueError as e:  # a protocol whose tokenizer cannot run here: say so, do the others
                 print(f"skipped: {e}", file=sys.stderr)
         print(format_comparison(done))

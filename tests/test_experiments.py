@@ -402,3 +402,51 @@ def test_presets_define_neither_sweep_folders_nor_tags():
         sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
         assert sweep["dir"] == "${paths.output_dir}/multirun/${experiment_name}", name
         assert cfg.experiment_name == name
+
+
+# ------------------------------------------------------------------------------------------ intervals, pairing
+def test_tables_carry_intervals_and_paired_differences_with_holm(tmp_path):
+    from speech_redundancy import stats
+
+    root = tmp_path / "o"
+    van, ap_in, dap_e = [1, 1, 0, 0, 1, 0, 0, 0], [2, 0, 1, 1, 2, 1, 0, 1], [3, 3, 2, 3, 4, 5, 3, 4]
+    _fake_run(root, "runs/v", {"name": "none", "tag": "vanilla", "points": []}, _rows(van, tout=100))
+    _fake_run(root, "runs/in", _affinity(0, 0.8, 1), _rows(ap_in, tout=80))
+    _fake_run(root, "runs/deep", _affinity(5, 0.7, 3), _rows(van, tout=20))
+    dap = {"name": "dap", "tag": "dap", "points": [_affinity(0, 0.8, 1)["points"][0], _affinity(5, 0.7, 3)["points"][0]]}
+    _fake_run(root, "runs/dap", dap, _rows(dap_e, tout=15))
+    boot = stats.Bootstrap(resamples=1000, seed=0)
+    df, _, _ = ex.collect(root, bootstrap=boot)
+    t = ex.main_table(df, "m")
+    lo, hi = stats.rate_interval(van, [10] * 8, boot)
+    assert t.iloc[0]["fake WER CI"] == f"[{100 * lo:.2f}, {100 * hi:.2f}]"
+    p = ex.paired_table(t, df, label="Method", reference="DAP", within=("Setting",), bootstrap=boot).set_index("Method")
+    # 8 utterances: exact randomisation over 2^8 swaps, then Holm over the three comparisons with Vanilla
+    raw = [stats.paired_rate(x, van, [10] * 8, boot).p for x in (ap_in, van, dap_e)]
+    assert list(p["vs Vanilla p"].iloc[1:]) == pytest.approx(raw)
+    assert list(p["vs Vanilla p (Holm)"].iloc[1:]) == pytest.approx(stats.holm(raw))
+    assert p.loc["DAP", "vs Vanilla"] == pytest.approx(100 * (sum(dap_e) - sum(van)) / 80)
+    assert p.loc["DAP", "vs Vanilla sig"] == "*" and p.loc["AP_deep", "vs Vanilla sig"] == "ns"
+    assert p.loc["AP_in", "vs DAP"] == pytest.approx(100 * (sum(ap_in) - sum(dap_e)) / 80)
+    marked = ex.mark_not_significant(t, p.reset_index())
+    assert marked.iloc[2]["fake WER CI"].endswith(" ns") and not marked.iloc[3]["fake WER CI"].endswith(" ns")
+
+
+def test_runs_over_different_utterances_are_not_silently_paired(tmp_path):
+    root = tmp_path / "o"
+    _fake_run(root, "runs/v", {"name": "none", "tag": "vanilla", "points": []}, _rows([1, 0, 1, 0]))
+    _fake_run(root, "runs/a", _affinity(0, 0.8), [{**r, "id": f"other{i}"} for i, r in enumerate(_rows([2, 2]))])
+    _fake_run(root, "runs/b", _affinity(2, 0.8), _rows([2, 2]))  # u0, u1: two of vanilla's four
+    df, _, _ = ex.collect(root)
+    rec = {r["tag"]: r for r in df.to_dict("records")}
+    c, note = ex.compare_runs(rec["affinity-l0-t0.8-w3-hidden"], rec["vanilla"])
+    assert c is None and "no shared utterances" in note
+    c, note = ex.compare_runs(rec["affinity-l2-t0.8-w3-hidden"], rec["vanilla"])
+    assert c.n == 2 and note == "paired on 2 of 2 / 4 utterances"
+    assert c.diff == pytest.approx(100 * (4 - 1) / 20)
+    changed = [{**r, "reference": r["reference"] + " extra"} for r in _rows([2, 2])]
+    _fake_run(root, "runs/c", _affinity(4, 0.8), changed)
+    df, _, _ = ex.collect(root)
+    rec = {r["tag"]: r for r in df.to_dict("records")}
+    c, note = ex.compare_runs(rec["affinity-l4-t0.8-w3-hidden"], rec["vanilla"])
+    assert c is None and "different references" in note

@@ -275,6 +275,12 @@ def test_rescore_hand_written_run(tmp_path, capsys):
     out = capsys.readouterr()
     assert "WER%" in out.out and "114.29" in out.out and "57.14" in out.out
     assert "skipped" in out.err
+    # intervals: the one scorer's, printed beside each number; two utterances resampled as Σ edits / Σ words
+    assert g["wer_ci"] == M.score([{"id": "u1", "reference": "the cat sat", "hypothesis": "the cat sat on on on on on on on",
+                                    **asr}, {"id": "u2", "reference": "a b c d", "hypothesis": "a b x d", **asr}])["wer_ci"]
+    assert g["wer_ci"] == pytest.approx([1 / 4, 7 / 3])  # both resamples of one utterance only are the extremes
+    assert q["accuracy_ci"] == pytest.approx([0.0, 1.0]) and g["loop_rate_ci"] == [0.0, 1.0]
+    assert "[25.00, 233.33]" in out.out and "95% CI" in out.out
 
 
 def test_rescore_missing_file(tmp_path):
@@ -301,3 +307,29 @@ def test_trajectory_table():
     assert bool(df.loc[3, "language_switch"]) and df.loc[3, "hypothesis"].endswith("… Looping")
     with pytest.raises(ValueError, match="no result rows"):
         trajectory_table(rows, "missing")
+
+
+# ---------------------------------------------------------------------------------------------- rows only
+
+
+def test_scoring_reads_rows_only_never_the_prompts():
+    import subprocess
+    import sys
+
+    code = ("import sys, speech_redundancy.metrics, speech_redundancy.rescore, speech_redundancy.experiments; "
+            "print(sorted(m for m in sys.modules if m in ('speech_redundancy.prompts', 'speech_redundancy.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_task_parts_of_stored_rows_agree_with_the_prompt_parser():
+    for task in ("asr", "qa", "st", "st_en2zh", "st_zh2en"):
+        assert M.task_parts(task) == split_task(task)
+    for bad in ("st_en", "asr_x"):
+        with pytest.raises(ValueError):
+            M.task_parts(bad)
+    # old rows: task and languages stored as they always were
+    assert M.group_key({"task": "st_en2zh", "language": "en"}) == ("st", "en", "zh")
+    assert M.group_key({"task": "st", "language": "zh"}) == ("st", "zh", "en")
+    assert M.group_key({"task": "st", "language": "en", "target_language": "de"}) == ("st", "en", "de")
+    assert M.group_key({"language": "zh"}) == ("asr", "zh", None)

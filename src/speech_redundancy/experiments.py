@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from speech_redundancy import metrics, protocols
+from speech_redundancy import metrics, protocols, stats
 from speech_redundancy.results import FAILED_NAME, digest, latest_by_id, read_rows
 
 SHARD_KEYS = ("shard_index", "shard_count")
@@ -99,9 +99,9 @@ class Run:
     def points(self) -> list[dict[str, Any]]:
         return list((self.settings.get("intervention") or {}).get("points") or [])
 
-    def describe(self, protocol: str | None = None) -> dict[str, Any]:
+    def describe(self, protocol: str | None = None, bootstrap: stats.Bootstrap | None = None) -> dict[str, Any]:
         """The flat record of this run: what it was (layer, operator, tau, omega, R, K...) and its numbers, scored
-        under ``protocol`` (default: the run's own)."""
+        under ``protocol`` (default: the run's own), with their intervals (``bootstrap``)."""
         s, iv = self.settings, self.settings.get("intervention") or {}
         data = s.get("data") or {}
         rec: dict[str, Any] = {
@@ -132,7 +132,7 @@ class Run:
         if rec["intervention"] == "speedup" and rec.get("speedup") is not None:
             rec["ratio"] = float(rec["speedup"])
         rec["protocol"] = protocol or self.protocol
-        rec.update(score(self.rows, rec["protocol"]))
+        rec.update(score(self.rows, rec["protocol"], bootstrap))
         return rec
 
 
@@ -145,17 +145,25 @@ def _point_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 SCORE_COLUMNS = ("n_failed", "wer", "cwer", "edits", "ref_words", "bleu", "retention", "loop_rate")
+INTERVAL_COLUMNS = ("wer", "cwer", "bleu", "loop_rate")  # each with <key>_lo / <key>_hi
 
 
-def score(rows: list[dict[str, Any]], protocol: str = "paper") -> dict[str, Any]:
+def score(rows: list[dict[str, Any]], protocol: str = "paper", bootstrap: stats.Bootstrap | None = None
+          ) -> dict[str, Any]:
     """The table columns of merged rows, from :func:`metrics.score` under ``protocol``: ``n`` (utterances scored),
-    ``n_failed``, WER/cWER and their counts, BLEU, retention, loop rate (NaN where there is nothing to score)."""
-    got = metrics.score(rows, protocol)
+    ``n_failed``, WER/cWER and their counts, BLEU, retention, loop rate (NaN where there is nothing to score),
+    ``<key>_lo`` / ``<key>_hi``: the interval of WER, cWER, BLEU and loop rate, and ``utt``: what each utterance
+    contributes (:func:`metrics.utterances`, for the paired comparisons)."""
+    got = metrics.score(rows, protocol, bootstrap=bootstrap)
     out: dict[str, Any] = {"n": got["n_utterances"]}
     for key in SCORE_COLUMNS:
         if key in got or key in ("retention", "loop_rate"):
             value = got.get(key)
             out[key] = math.nan if value is None else value
+    for key in INTERVAL_COLUMNS:
+        if got.get(f"{key}_ci") is not None:
+            out[f"{key}_lo"], out[f"{key}_hi"] = (math.nan if v is None else v for v in got[f"{key}_ci"])
+    out["utt"] = metrics.utterances(rows, protocol)
     return out
 
 
@@ -251,15 +259,16 @@ def failed_jobs(root: str | Path) -> list[str]:
     return out
 
 
-def collect(root: str | Path, protocol: str | None = None) -> tuple[pd.DataFrame, list[Run], list[str]]:
+def collect(root: str | Path, protocol: str | None = None, bootstrap: stats.Bootstrap | None = None
+            ) -> tuple[pd.DataFrame, list[Run], list[str]]:
     """(one row per logical run, the runs, problems) for every run folder under ``root``, each run scored under
-    ``protocol`` (default: its own)."""
+    ``protocol`` (default: its own), intervals drawn as ``bootstrap`` says."""
     if protocol is not None:
         protocols.get(protocol)  # an unknown name: one line before any scoring
     runs, problems = load_runs(root)
     problems += failed_jobs(root)
     problems += submitit_failures(root)
-    df = pd.DataFrame([r.describe(protocol) for r in runs])
+    df = pd.DataFrame([r.describe(protocol, bootstrap) for r in runs])
     return df, runs, problems
 
 
@@ -321,6 +330,158 @@ def side_by_side(d: pd.DataFrame, keys: tuple[str, ...] = ()) -> list[tuple[tupl
     return out
 
 
+# ----------------------------------------------------------------------------------------------- intervals
+CELLS = "_cells"  # per table row: column -> run_key of the run the number came from (moved to ``t.attrs``)
+
+
+def _interval(lo: Any, hi: Any, scale: float) -> str:
+    if lo is None or hi is None or _isnan(lo) or _isnan(hi):
+        return "-"
+    return f"[{scale * lo:.2f}, {scale * hi:.2f}]"
+
+
+def _cell(rec: dict[str, Any], col: str, r: dict[str, Any] | None, key: str = "wer", scale: float = 100.0) -> None:
+    """``rec[col]``: run ``r``'s ``key`` × ``scale`` (NaN without one); ``rec[col + " CI"]``: its interval; and
+    which run the cell came from, for :func:`paired_table`."""
+    r = r.to_dict() if isinstance(r, pd.Series) else r
+    v = r.get(key) if r else None
+    rec[col] = math.nan if v is None or _isnan(v) else scale * float(v)
+    rec[f"{col} CI"] = _interval(r.get(f"{key}_lo"), r.get(f"{key}_hi"), scale) if r else "-"
+    if r and not _isnan(rec[col]):
+        rec.setdefault(CELLS, {})[col] = r["run_key"]
+
+
+def _cells_to_attrs(t: pd.DataFrame) -> pd.DataFrame:
+    """Move the per-row cell -> run map out of the columns into ``t.attrs["cells"]`` (one dict per row)."""
+    if CELLS in t:
+        cells = [c if isinstance(c, dict) else {} for c in t[CELLS]]
+        t = t.drop(columns=[CELLS])
+        t.attrs["cells"] = cells
+    else:
+        t.attrs["cells"] = [{} for _ in range(len(t))]
+    return t
+
+
+def compare_runs(a: dict[str, Any], b: dict[str, Any], column: str = "WER",
+                 bootstrap: stats.Bootstrap | None = None) -> tuple[stats.Comparison | None, str]:
+    """Run ``a`` − run ``b`` (records of :func:`collect`) on the utterances both scored, paired on utterance ids:
+    WER (cWER when ``column`` names it) in points, or BLEU. Returns (comparison or None, note): runs with no
+    shared id, or whose shared ids carry different references, are not compared (the note says why); a pairing on
+    fewer utterances than either run has is noted ("paired on k of n_a / n_b")."""
+    boot = bootstrap or stats.DEFAULT
+    ua, ub = a.get("utt"), b.get("utt")
+    if ua is None or ub is None:
+        return None, "no per-utterance numbers"
+    if ua.asr or ub.asr:
+        shared = sorted(set(ua.asr) & set(ub.asr))
+        if not shared:
+            return None, f"no shared utterances ({len(ua.asr)} / {len(ub.asr)}): not compared"
+        differ = sum(ua.asr[i][2] != ub.asr[i][2] for i in shared)
+        if differ:
+            return None, f"{differ} shared ids have different references: not compared"
+        k = 1 if column.rstrip().endswith("cWER") else 0
+        c = stats.paired_rate([ua.asr[i][k] for i in shared], [ub.asr[i][k] for i in shared],
+                              [ua.asr[i][2] for i in shared], boot)
+        c = stats.Comparison(100 * c.diff, 100 * c.low, 100 * c.high, c.p, c.n)
+        sizes = (len(ua.asr), len(ub.asr))
+    elif ua.st and ub.st:
+        tgts = sorted(set(ua.st) & set(ub.st))
+        if len(tgts) != 1:
+            return None, "not one shared translation target: not compared"
+        sa, sb = ua.st[tgts[0]], ub.st[tgts[0]]
+        shared = sorted(set(sa) & set(sb))
+        if not shared:
+            return None, f"no shared utterances ({len(sa)} / {len(sb)}): not compared"
+        if any(sa[i][0] != sb[i][0] for i in shared):
+            return None, "shared ids have different references: not compared"
+        proto = str(a.get("protocol") or "paper")
+        refs, hyps_a, tok = protocols.bleu_inputs([sa[i][0] for i in shared], [sa[i][1] for i in shared], tgts[0], proto)
+        _, hyps_b, _ = protocols.bleu_inputs([sb[i][0] for i in shared], [sb[i][1] for i in shared], tgts[0], proto)
+        c = stats.paired_bleu(refs, hyps_a, hyps_b, tok, boot)
+        sizes = (len(sa), len(sb))
+    else:
+        return None, "nothing to compare"
+    note = "" if sizes == (c.n, c.n) else f"paired on {c.n} of {sizes[0]} / {sizes[1]} utterances"
+    return c, note
+
+
+def _reference_row(t: pd.DataFrame, i: int, label: str, reference: str, within: tuple[str, ...]) -> int | None:
+    """The row of ``reference`` (its label, or the label plus a `` (l=...)`` suffix, the one matching row ``i``'s
+    suffix first) with the same ``within`` values as row ``i``."""
+    own = str(t.at[i, label])
+    suffix = own[own.index(" ("):] if " (" in own else ""
+    found = [j for j in t.index if all(t.at[j, w] == t.at[i, w] for w in within)
+             and (str(t.at[j, label]) == reference or str(t.at[j, label]).startswith(reference + " ("))]
+    exact = [j for j in found if str(t.at[j, label]) == reference + suffix]
+    return (exact or found or [None])[0]
+
+
+def paired_table(t: pd.DataFrame, df: pd.DataFrame, *, label: str, reference: str | None = None,
+                 within: tuple[str, ...] = (), vanilla: str | None = None, alpha: float = 0.05,
+                 bootstrap: stats.Bootstrap | None = None) -> pd.DataFrame:
+    """Every number of a comparison table ``t`` (built by a table builder, which records each cell's run) against
+    Vanilla and against the ``reference`` method, over the same utterances.
+
+    Vanilla is the table's row labelled ``Vanilla`` (column ``label``) or, for tables without one, the run key
+    ``vanilla``; the reference is the row labelled ``reference`` with the same ``within`` values (e.g. the same
+    budget). Per cell: the difference (points of WER / cWER, or BLEU) with its paired bootstrap interval, the
+    approximate-randomisation p-value and Holm's adjusted p-value over the table (one family per baseline), ``sig``
+    ``*`` where the adjusted p is below ``alpha`` and ``ns`` where not; ``n`` the utterances shared, ``note`` why a
+    cell was not compared or was paired on fewer utterances than it has. One row per (table row, column)."""
+    cells = t.attrs.get("cells") or [{} for _ in range(len(t))]
+    runs = {r["run_key"]: r for r in df.to_dict("records")} if not df.empty else {}
+    van_rows = [j for j in t.index if str(t.at[j, label]) == "Vanilla"] if label in t else []
+    out: list[dict[str, Any]] = []
+    for i in t.index:
+        for col, key in cells[i].items():
+            rec: dict[str, Any] = {"row": int(i), label: t.at[i, label],
+                                   **{w: t.at[i, w] for w in within if w in t}, "column": col, "value": t.at[i, col]}
+            notes = []
+            for name, other in (("Vanilla", (cells[van_rows[0]].get(col) if van_rows else vanilla)),
+                                (reference, None)):
+                if name is None:
+                    continue
+                if name == reference:
+                    j = _reference_row(t, i, label, reference, within)
+                    other = cells[j].get(col) if j is not None else None
+                c, note = (None, "") if other is None or other == key else compare_runs(runs[key], runs[other], col,
+                                                                                           bootstrap)
+                rec[f"vs {name}"] = c.diff if c else math.nan
+                rec[f"vs {name} CI"] = _interval(c.low, c.high, 1.0) if c else "-"
+                rec[f"vs {name} p"] = c.p if c else math.nan
+                rec[f"vs {name} n"] = c.n if c else math.nan
+                if note:
+                    notes.append(f"vs {name}: {note}")
+            rec["note"] = "; ".join(notes)
+            out.append(rec)
+    p = pd.DataFrame(out)
+    for name in ("Vanilla", reference):
+        if name is None or p.empty or f"vs {name} p" not in p:
+            continue
+        adj = stats.holm(list(p[f"vs {name} p"]))
+        p[f"vs {name} p (Holm)"] = adj
+        p[f"vs {name} sig"] = ["-" if _isnan(a) else ("*" if a < alpha else "ns") for a in adj]
+    if p.empty:
+        return p
+    order = [c for c in p.columns if not c.startswith("vs ") and c != "note"]
+    for name in ("Vanilla", reference):
+        order += [c for c in (f"vs {name}", f"vs {name} CI", f"vs {name} p", f"vs {name} p (Holm)", f"vs {name} sig",
+                              f"vs {name} n") if name is not None and c in p]
+    return p[order + ["note"]]
+
+
+def mark_not_significant(t: pd.DataFrame, paired: pd.DataFrame) -> pd.DataFrame:
+    """``t`` with `` ns`` after the interval of every cell whose difference to Vanilla is not significant (Holm)."""
+    t = t.copy()
+    if paired.empty or "vs Vanilla sig" not in paired:
+        return t
+    for _, r in paired[paired["vs Vanilla sig"] == "ns"].iterrows():
+        ci = f"{r['column']} CI"
+        if ci in t:
+            t.at[int(r["row"]), ci] = f"{t.at[int(r['row']), ci]} ns"
+    return t
+
+
 def oracle_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Single-point oracle runs (paper §3): one row per (context, operator, budget, layer)."""
     d = _not_aux(_sel(df, intervention="oracle", n_points=1))
@@ -340,11 +501,11 @@ def oracle_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
     for (op, budget), g in d.groupby(["operator", "budget"], sort=True):
         rec = {"Operator": OPERATOR_NAMES.get(op, op), "R": int(budget), "Token Ratio": 100 * g["token_ratio"].iloc[0]}
         for _, r in g.sort_values("layer").iterrows():
-            rec[f"L{int(r['layer'])} WER"] = 100 * r["wer"]
-            rec[f"L{int(r['layer'])} cWER"] = 100 * r["cwer"]
+            _cell(rec, f"L{int(r['layer'])} WER", r, "wer")
+            _cell(rec, f"L{int(r['layer'])} cWER", r, "cwer")
         out.append(rec)
     t = pd.DataFrame(out)
-    return t.sort_values(["Operator", "Token Ratio"]).reset_index(drop=True) if not t.empty else t
+    return _cells_to_attrs(t.sort_values(["Operator", "Token Ratio"]).reset_index(drop=True) if not t.empty else t)
 
 
 def affinity_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -362,9 +523,11 @@ def affinity_table(df: pd.DataFrame, context: str, window: int, features: str) -
         rec = {"Layer": int(layer)}
         for _, r in g.sort_values("threshold").iterrows():
             t = f"tau={r['threshold']:g}"
-            rec[f"{t} WER"], rec[f"{t} cWER"], rec[f"{t} Ratio"] = 100 * r["wer"], 100 * r["cwer"], 100 * r["retention"]
+            _cell(rec, f"{t} WER", r, "wer")
+            _cell(rec, f"{t} cWER", r, "cwer")
+            rec[f"{t} Ratio"] = 100 * r["retention"]
         out.append(rec)
-    return pd.DataFrame(out)
+    return _cells_to_attrs(pd.DataFrame(out))
 
 
 def _setting_name(t_in: float, t_deep: float, label: str | None = None) -> str:
@@ -416,7 +579,11 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         for name in datasets:
             r = per_data.get(name)
             metric, v = _metric(r) if r else ("-", math.nan)
-            rec[f"{name} {metric if r else ''}".strip()] = v
+            col = f"{name} {metric if r else ''}".strip()
+            if metric in ("WER", "BLEU"):
+                _cell(rec, col, r, metric.lower(), 100.0 if metric == "WER" else 1.0)
+            else:
+                rec[col] = v
             vals.append(v)
         good = [v for v in vals if not _isnan(v)]
         rec["Avg."] = sum(good) / len(good) if len(good) == len(vals) and good else math.nan
@@ -443,7 +610,7 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         add("DAP", name, li, ld, {n: _best(same[same["data"] == n]) for n in datasets})
     # columns with a unit per dataset: "<data> WER" (or BLEU); drop unit-less empty ones
     t = pd.DataFrame(rows)
-    return t.drop(columns=[c for c in t.columns if t[c].isna().all()])
+    return _cells_to_attrs(t.drop(columns=[c for c in t.columns if t[c].isna().all()]))
 
 
 def _best(d: pd.DataFrame) -> dict | None:
@@ -477,9 +644,8 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         vals = []
         for n in datasets:
             r = _best(sub[sub["data"] == n]) if not sub.empty else None
-            v = 100 * r["wer"] if r and not _isnan(r.get("wer")) else math.nan
-            rec[n] = v
-            vals.append(v)
+            _cell(rec, n, r, "wer")
+            vals.append(rec[n])
         rets = [r for r in sub["retention"]] if not sub.empty else []
         rec["Ret."] = 100 * sum(rets) / len(rets) if rets else math.nan
         good = [v for v in vals if not _isnan(v)]
@@ -500,7 +666,7 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
             for name, sub in cases:
                 sub = sub[sub["ratio"].astype(float).round(3) == round(k, 3)] if not sub.empty else sub
                 add(f"{100 * k:g}%", name, sub)
-    return pd.DataFrame(rows)
+    return _cells_to_attrs(pd.DataFrame(rows))
 
 
 PEER_NAMES = {"interpolate": "Interpolation", "uniform_merge": "Uniform Merge", "affinity_ratio": "AP (fixed K)",
@@ -534,7 +700,8 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
     if van:
         rec = {"Layer": "-", "Operator": "Vanilla"}
         for k in ratios:
-            rec[f"K={100 * k:g}% WER"], rec[f"K={100 * k:g}% Ret."] = 100 * van["wer"], 100.0
+            _cell(rec, f"K={100 * k:g}% WER", van, "wer")
+            rec[f"K={100 * k:g}% Ret."] = 100.0
         rows.append({**rec, "Ret. (mean)": 100.0})
     by = ["layer", "operator"] + (["features"] if "features" in d.columns and d["features"].nunique() > 1 else [])
     for key, g in d.groupby(by, sort=True):
@@ -545,12 +712,12 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
         rec: dict[str, Any] = {"Layer": int(layer), "Operator": name}
         for k in ratios:
             r = _best(g[g["ratio"].astype(float).round(3) == k])
-            ok = r and not _isnan(r.get("wer"))
-            rec[f"K={100 * k:g}% WER"] = 100 * r["wer"] if ok else math.nan
+            _cell(rec, f"K={100 * k:g}% WER", r, "wer")
+            ok = r is not None and not _isnan(rec[f"K={100 * k:g}% WER"])
             rec[f"K={100 * k:g}% Ret."] = 100 * float(r["retention"]) if ok else math.nan
         rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
         rows.append(rec)
-    return pd.DataFrame(rows)
+    return _cells_to_attrs(pd.DataFrame(rows))
 
 
 def trajectories(df: pd.DataFrame, runs: list[Run], utterance: str | None = None) -> tuple[str, pd.DataFrame, str] | None:

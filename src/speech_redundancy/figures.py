@@ -46,6 +46,15 @@ def _pct(s: pd.Series) -> pd.Series:
 def _vanilla_line(ax, vanilla: dict | None, key: str) -> None:
     if vanilla and vanilla.get(key) is not None and not math.isnan(vanilla[key]):
         ax.axhline(100 * vanilla[key], color="0.3", ls="--", lw=1, label=f"Vanilla {100 * vanilla[key]:.2f}")
+        lo, hi = vanilla.get(f"{key}_lo"), vanilla.get(f"{key}_hi")
+        if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):
+            ax.axhspan(100 * lo, 100 * hi, color="0.3", alpha=0.1, lw=0)
+
+
+def _band(ax, x: pd.Series, s: pd.DataFrame, key: str, color) -> None:
+    """The 95 % interval of ``s[key]`` (columns ``<key>_lo`` / ``<key>_hi``) as a band around its curve."""
+    if f"{key}_lo" in s and f"{key}_hi" in s and s[f"{key}_lo"].notna().any():
+        ax.fill_between(x, _pct(s[f"{key}_lo"]), _pct(s[f"{key}_hi"]), color=color, alpha=0.15, lw=0)
 
 
 def _log_safe(ax, values: Sequence[float]) -> None:
@@ -76,6 +85,7 @@ def _oracle_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "") -
                     continue
                 ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4,
                         label=f"R={int(b)} ({100 * s['token_ratio'].iloc[0]:.1f}%)")
+                _band(ax, s["layer"], s, key, c)
             _vanilla_line(ax, vanilla, key)
             _log_safe(ax, list(_pct(g[key])))
             ax.grid(alpha=0.3, which="both")
@@ -121,6 +131,7 @@ def _affinity_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "")
         for c, t in zip(colors, thresholds):
             s = d[d["threshold"] == t].sort_values("layer")
             ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4, label=f"τ={t:g}")
+            _band(ax, s["layer"], s, key, c)
         if key == "retention":
             ax.set_ylim(0, 105)
         else:
@@ -313,6 +324,7 @@ def peer_comparison(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla:
                 continue
             ax.plot(_pct(s["retention"]), _pct(s["wer"]), marker=markers[i % len(markers)], color=cmap[i], ms=5,
                     label=PEER_NAMES.get(op, op))
+            _band(ax, _pct(s["retention"]), s, "wer", cmap[i])
         _vanilla_line(ax, vanilla, "wer")
         ax.invert_xaxis()  # less retention to the right, as compression grows
         ax.set_xlabel("retention (%)")

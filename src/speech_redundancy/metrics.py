@@ -34,8 +34,8 @@ from typing import Any, Iterable, Sequence
 import jiwer
 
 from speech_redundancy import protocols as P
+from speech_redundancy import stats
 from speech_redundancy.normalize import CHAR_LANGUAGES, strip_special_tokens, tokenize
-from speech_redundancy.prompts import split_task
 
 # ----------------------------------------------------------------------------------------------- WER and cWER
 
@@ -297,10 +297,25 @@ def qa_accuracy(verdicts: Iterable[bool | None | dict[str, Any]]) -> dict[str, A
 PROTOCOLS = P.NAMES  # named scoring protocols: paper, kimi_evalkit, lmms_eval, ultraeval, audiobench
 
 
+def task_parts(task: str) -> tuple[str, str | None, str | None]:
+    """A row's ``task`` field as scoring reads it: ``"st_en2zh"`` -> ``("st", "en", "zh")``, ``"asr"`` ->
+    ``("asr", None, None)`` (the format rows store; scoring reads rows only, never the prompts)."""
+    base, _, pair = task.partition("_")
+    if base == "st" and pair:
+        src, sep, tgt = pair.partition("2")
+        if not sep or not src or not tgt:
+            raise ValueError(f"unknown task {task!r}; expected st_<src>2<tgt>, e.g. st_en2zh")
+        return base, src, tgt
+    if pair:
+        raise ValueError(f"unknown task {task!r}; expected asr, st, qa or st_<src>2<tgt>")
+    return base, None, None
+
+
 def group_key(row: dict[str, Any]) -> tuple[str, str, str | None]:
     """(task, source language, target language) of a results row: ``("st", "en", "zh")`` for en->zh translation
-    (task ``st_en2zh``, or ``st`` with ``target_language``), ``("asr", "en", None)`` for English ASR."""
-    base, src, tgt = split_task(str(row.get("task") or "asr"))
+    (task ``st_en2zh``, or ``st`` with ``target_language``), ``("asr", "en", None)`` for English ASR; from the
+    row's own ``task``, ``language`` and ``target_language`` fields."""
+    base, src, tgt = task_parts(str(row.get("task") or "asr"))
     language = str(row.get("language") or "en")
     if base == "st":
         tgt = row.get("target_language") or tgt
@@ -359,9 +374,44 @@ def _same(values: set[str]) -> str | None:
     return next(iter(values)) if len(values) == 1 else ("mixed" if values else None)
 
 
+def _pair(interval: tuple[float, float]) -> list[float]:
+    return [float(interval[0]), float(interval[1])]
+
+
+@dataclass
+class Utterances:
+    """What each scored utterance contributes, keyed by row ``id`` (the input of intervals and paired tests):
+    ``asr``: id -> (edits, clamped edits, reference units); ``st``: target language -> id -> (reference,
+    hypothesis); ``loop``: id -> 1.0 / 0.0 for every ok row; ``tokenize``: target -> sacrebleu tokenizer."""
+
+    asr: dict[str, tuple[int, int, int]]
+    st: dict[str, dict[str, tuple[str, str]]]
+    loop: dict[str, float]
+    tokenize: dict[str, str]
+
+
+def utterances(rows: Iterable[dict[str, Any]], protocol: str = "paper") -> Utterances:
+    """Per-utterance numbers of the ok rows under ``protocol``, keyed by id (the last row of an id wins)."""
+    proto = P.get(protocol)
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    asr = [r for r in ok if group_key(r)[0] == "asr" and r["hypothesis"] not in proto.drop_hypotheses]
+    out = Utterances({}, {}, {}, {})
+    for r, c in zip(asr, _asr_counts(asr, proto.name)):
+        if proto.empty_refs == "count" or c["ref_words"] > 0:
+            out.asr[str(r.get("id"))] = (c["edits"], min(c["edits"], c["ref_words"]), c["ref_words"])
+    for r in ok:
+        if group_key(r)[0] == "st":
+            tgt = str(group_key(r)[2])
+            out.st.setdefault(tgt, {})[str(r.get("id"))] = (_reference(r), r["hypothesis"])
+        out.loop[str(r.get("id"))] = float(repetition_loop(r["hypothesis"], _output_language(r)))
+    for tgt in out.st:
+        out.tokenize[tgt] = P.bleu_inputs([], [], tgt, proto.name)[2]
+    return out
+
+
 def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any = None,
-          judge_cache: Any = None) -> dict[str, Any]:
-    """Corpus numbers of results rows (rates as fractions; BLEU 0-100).
+          judge_cache: Any = None, bootstrap: stats.Bootstrap | None = None) -> dict[str, Any]:
+    """Corpus numbers of results rows (rates as fractions; BLEU 0-100), each with its interval.
 
     Keys: ``n`` (rows), ``n_utterances`` (ok rows), ``n_failed``, ``failed`` (``[{id, error}]``); ASR rows:
     ``wer``, ``cwer``, ``edits``, ``ref_words``, ``substitutions``/``deletions``/``insertions``, ``unit``,
@@ -373,13 +423,19 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
     ``seconds``. Failed rows are counted, never scored. ``protocol`` names the scoring rules
     (:mod:`speech_redundancy.protocols`); ASR rows it leaves out (kimi_evalkit: a hypothesis ``"null"``) are
     counted in ``n_dropped``.
+
+    Intervals (:mod:`speech_redundancy.stats`, settings ``bootstrap``: resamples, seed, level; recorded under
+    ``bootstrap``): ``wer_ci``, ``cwer_ci`` (also per kind), ``bleu_ci`` (``bleu_ci_by_target``), ``accuracy_ci``
+    and ``loop_rate_ci``, each ``[low, high]`` in the unit of its number, from a bootstrap over utterances.
     """
+    boot = bootstrap or stats.DEFAULT
     proto = P.get(protocol)
     rows = list(rows)
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
     out: dict[str, Any] = {
         "protocol": proto.name, "n": len(rows), "n_utterances": len(ok), "n_failed": len(rows) - len(ok),
         "failed": [{"id": r.get("id"), "error": r.get("error")} for r in rows if r.get("status", "ok") != "ok"],
+        "bootstrap": boot.describe(),
     }
     asr = [r for r in ok if group_key(r)[0] == "asr"]
     if asr:
@@ -389,6 +445,7 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
         counts = _asr_counts(kept, proto.name)
         scored = [(r, c) for r, c in zip(kept, counts) if proto.empty_refs == "count" or c["ref_words"] > 0]
         out.update({k: v for k, v in _rates(c for _, c in scored).items() if k not in ("n", "empty_refs")})
+        out.update(_wer_intervals([c for _, c in scored], boot))
         out["empty_refs"] = sum(c["ref_words"] == 0 for c in counts)
         langs = {str(r.get("language") or "en") for r in asr}
         out["unit"] = _same({P.unit_label(lang, proto.name) for lang in langs})
@@ -397,32 +454,44 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
         if len(kinds) > 1:
             out["by_kind"] = {}
             for kind in kinds:
-                agg = _rates(c for r, c in scored if str(r.get("kind")) == kind)
-                out["by_kind"][kind] = {k: agg[k] for k in ("wer", "cwer", "edits", "ref_words", "n")}
+                mine = [c for r, c in scored if str(r.get("kind")) == kind]
+                agg = _rates(mine)
+                out["by_kind"][kind] = {**{k: agg[k] for k in ("wer", "cwer", "edits", "ref_words", "n")},
+                                        **_wer_intervals(mine, boot)}
     st = [r for r in ok if group_key(r)[0] == "st"]
     if st:
         by_target: dict[str, list[dict[str, Any]]] = {}
         for r in st:
             by_target.setdefault(str(group_key(r)[2]), []).append(r)
-        bleu = {tgt: corpus_bleu([_reference(r) for r in rs], [r["hypothesis"] for r in rs], tgt, proto.name)
-                for tgt, rs in sorted(by_target.items())}
+        bleu, ci = {}, {}
+        for tgt, rs in sorted(by_target.items()):
+            refs, hyps = [_reference(r) for r in rs], [r["hypothesis"] for r in rs]
+            bleu[tgt] = corpus_bleu(refs, hyps, tgt, proto.name)
+            p_refs, p_hyps, tok = P.bleu_inputs(refs, hyps, tgt, proto.name)
+            ci[tgt] = _pair(stats.bleu_interval(p_refs, p_hyps, tok, boot))
         if len(bleu) == 1:
             (tgt, b), = bleu.items()
-            out.update(bleu=b["bleu"], bleu_signature=b["signature"], bleu_tokenize=b["tokenize"], target_language=tgt)
+            out.update(bleu=b["bleu"], bleu_ci=ci[tgt], bleu_signature=b["signature"], bleu_tokenize=b["tokenize"],
+                       target_language=tgt)
         else:
             out["bleu_by_target"] = {tgt: b["bleu"] for tgt, b in bleu.items()}
+            out["bleu_ci_by_target"] = ci
     qa = [r for r in ok if group_key(r)[0] == "qa"]
     if qa and judge is not None:
         from speech_redundancy.judge import judge_all
 
         verdicts = judge_all(qa, judge, cache_path=judge_cache)
         acc = qa_accuracy(v["verdict"] for v in verdicts)
-        out.update(accuracy=acc["accuracy"], correct=acc["correct"], n_judged=acc["n_judged"],
+        judged = [float(v["verdict"]) for v in verdicts if v["verdict"] is not None]
+        out.update(accuracy=acc["accuracy"], accuracy_ci=_pair(stats.rate_interval(judged, None, boot)),
+                   correct=acc["correct"], n_judged=acc["n_judged"],
                    n_judge_failed=acc["n_failed"], judge=judge.id,
                    judge_errors=sorted({v["error"] for v in verdicts if v["error"]})[:5])
     if ok:
         hyps = [(r["hypothesis"], _output_language(r)) for r in ok]
-        out["loop_rate"] = sum(repetition_loop(h, lang) for h, lang in hyps) / len(ok)
+        loops = [float(repetition_loop(h, lang)) for h, lang in hyps]
+        out["loop_rate"] = sum(loops) / len(ok)
+        out["loop_rate_ci"] = _pair(stats.rate_interval(loops, None, boot))
         out["switch_rate"] = sum(language_switch(h, lang) for h, lang in hyps) / len(ok)
         out["empty_rate"] = sum(is_empty(h) for h, _ in hyps) / len(ok)
     else:
@@ -434,3 +503,12 @@ def score(rows: Iterable[dict[str, Any]], protocol: str = "paper", *, judge: Any
                              if with_tokens else None)
     out["seconds"] = sum(r.get("seconds") or 0.0 for r in ok)
     return out
+
+
+def _wer_intervals(counts: list[dict[str, Any]], boot: stats.Bootstrap) -> dict[str, list[float]]:
+    """``wer_ci`` / ``cwer_ci``: corpus WER and cWER resampled as summed (clamped) edits over summed reference units."""
+    edits = [int(c["edits"]) for c in counts]
+    words = [int(c["ref_words"]) for c in counts]
+    clamped = [min(e, n) for e, n in zip(edits, words)]
+    return {"wer_ci": _pair(stats.rate_interval(edits, words, boot)),
+            "cwer_ci": _pair(stats.rate_interval(clamped, words, boot))}

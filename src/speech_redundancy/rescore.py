@@ -35,10 +35,12 @@ from speech_redundancy.metrics import group_key, language_switch, protocol_probl
 from speech_redundancy.normalize import CHAR_LANGUAGES
 from speech_redundancy.protocols import get as get_protocol
 from speech_redundancy.results import read_rows, write_json, write_jsonl
+from speech_redundancy.stats import Bootstrap
 
 
 def score_group(task: str, language: str, target: str | None, rows: list[dict[str, Any]], judge: Judge | None = None,
-                cache_path: Path | None = None, protocol: str = "paper") -> dict[str, Any]:
+                cache_path: Path | None = None, protocol: str = "paper", bootstrap: Bootstrap | None = None
+                ) -> dict[str, Any]:
     """Metrics of one (task, language, target) group of rows (:func:`metrics.score`; QA judged, offline by default)."""
     if task not in ("asr", "st", "qa"):
         raise ValueError(f"cannot score task {task!r}; expected asr, st or qa")
@@ -46,7 +48,7 @@ def score_group(task: str, language: str, target: str | None, rows: list[dict[st
     if task == "st":
         out["target_language"] = target
     out.update(score(rows, protocol, judge=(judge or OfflineJudge()) if task == "qa" else None,
-                     judge_cache=cache_path))
+                     judge_cache=cache_path, bootstrap=bootstrap))
     return out
 
 
@@ -60,8 +62,8 @@ def run_protocol(run_dir: str | Path) -> str:
 
 
 def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = True, quiet: bool = False,
-            protocol: str | None = None) -> dict[str, Any]:
-    """Score ``<run_dir>/results.jsonl`` again, under the run's own protocol into ``<run_dir>/rescored.json`` or,
+            protocol: str | None = None, bootstrap: Bootstrap | None = None) -> dict[str, Any]:
+    """Score ``<run_dir>/results.jsonl`` again (intervals drawn as ``bootstrap`` says, default 1000 resamples, seed 0), under the run's own protocol into ``<run_dir>/rescored.json`` or,
     with ``protocol``, under that one into ``rescored.<protocol>.json`` (+ ``.jsonl`` rows); print a table, return
     the dict. An unknown protocol, or one whose tokenizer cannot run here, is one ValueError before any scoring."""
     run_dir = Path(run_dir)
@@ -83,7 +85,8 @@ def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = Tr
     scored = {}
     for (task, lang, tgt), grp in sorted(groups.items(), key=lambda kv: str(kv[0])):
         group = f"{task}/{lang}" + (f"2{tgt}" if task == "st" else "")
-        scored[group] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path, protocol=used)
+        scored[group] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path, protocol=used,
+                                    bootstrap=bootstrap)
     summary = {"run_dir": str(run_dir), "protocol": used, "n_rows": len(rows), "n_malformed": len(problems),
                "malformed": problems, "groups": scored}
     if name is None:
@@ -122,16 +125,30 @@ def metric_of(g: dict[str, Any]) -> tuple[str, str]:
     return "Acc%", _pct(g.get("accuracy"))
 
 
+def interval_of(g: dict[str, Any], key: str | None = None) -> str:
+    """``[low, high]`` of a group's headline number (or of ``key``), in the unit it is printed in; ``-`` if none."""
+    key = key or {"asr": "wer", "st": "bleu"}.get(g["task"], "accuracy")
+    ci = g.get(f"{key}_ci")
+    if not ci or ci[0] is None or (isinstance(ci[0], float) and math.isnan(ci[0])):
+        return "-"
+    scale = 1.0 if key == "bleu" else 100.0
+    return f"[{scale * ci[0]:.2f}, {scale * ci[1]:.2f}]"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A small text table of a rescore summary (rates in %; BLEU as sacrebleu reports it)."""
-    head = f"{'group':<12} {'n':>6} {'failed':>6} {'metric':<9} {'score':>8} {'cWER':>7} {'loop%':>6} {'switch%':>7} {'empty%':>6}"
+    level = next((100 * g["bootstrap"]["level"] for g in summary["groups"].values() if g.get("bootstrap")), 95.0)
+    head = (f"{'group':<12} {'n':>6} {'failed':>6} {'metric':<9} {'score':>8} {f'{level:g}% CI':>16} {'cWER':>7} "
+            f"{'cWER CI':>16} {'loop%':>6} {'loop CI':>16} {'switch%':>7} {'empty%':>6}")
     lines = [f"protocol {summary.get('protocol', 'paper')}", head, "-" * len(head)]
     for name, g in summary["groups"].items():
         metric, value = metric_of(g)
-        cwer = _pct(g.get("cwer")) if g["task"] == "asr" else "-"
+        asr = g["task"] == "asr"
+        cwer = _pct(g.get("cwer")) if asr else "-"
         lines.append(
-            f"{name:<12} {g['n']:>6} {g['n_failed']:>6} {metric:<9} {value:>8} {cwer:>7} "
-            f"{_pct(g.get('loop_rate')):>6} {_pct(g.get('switch_rate')):>7} {_pct(g.get('empty_rate')):>6}"
+            f"{name:<12} {g['n']:>6} {g['n_failed']:>6} {metric:<9} {value:>8} {interval_of(g):>16} {cwer:>7} "
+            f"{interval_of(g, 'cwer') if asr else '-':>16} {_pct(g.get('loop_rate')):>6} "
+            f"{interval_of(g, 'loop_rate'):>16} {_pct(g.get('switch_rate')):>7} {_pct(g.get('empty_rate')):>6}"
         )
     if summary.get("n_malformed"):
         lines.append(f"({summary['n_malformed']} malformed lines skipped)")

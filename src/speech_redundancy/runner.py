@@ -36,6 +36,7 @@ from speech_redundancy.audio import AudioError, load_audio
 from speech_redundancy.compress import Point
 from speech_redundancy.models.base import Request
 from speech_redundancy.signal import time_stretch
+from speech_redundancy.stats import Bootstrap
 from speech_redundancy.results import (
     FAILED_NAME,
     FolderBusy,
@@ -269,15 +270,25 @@ def format_summary(summary: dict[str, Any], title: str) -> str:
     def pct(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
+    def ci(d, key, scale=100.0):  # the 95 % interval beside its number
+        lo, hi = (d.get(f"{key}_ci") or [None, None])[:2]
+        return "" if lo is None or math.isnan(lo) else f"[{scale * lo:.2f}, {scale * hi:.2f}]"
+
     lines = [title, f"{'utterances':>12} {'failed':>7} {'WER %':>8} {'cWER %':>8} {'retention %':>12} {'loops %':>8}"]
     lines.append(
         f"{summary['n_utterances']:>12} {summary['n_failed']:>7} {pct(summary.get('wer')):>8} "
         f"{pct(summary.get('cwer')):>8} {pct(summary.get('retention')):>12} {pct(summary.get('loop_rate')):>8}"
     )
+    level = 100 * float((summary.get("bootstrap") or {}).get("level", 0.95))
+    parts = [f"{name} {ci(summary, key)}" for name, key in (("WER", "wer"), ("cWER", "cwer"), ("loops", "loop_rate"))
+             if ci(summary, key)]
+    if parts:
+        lines.append(f"  {level:g}% intervals: " + "  ".join(parts))
     for kind, agg in summary.get("by_kind", {}).items():
-        lines.append(f"  {kind:<10} n={agg.get('n', '?'):<4} WER {pct(agg['wer'])}%  cWER {pct(agg['cwer'])}%")
+        lines.append(f"  {kind:<10} n={agg.get('n', '?'):<4} WER {pct(agg['wer'])}% {ci(agg, 'wer')}  "
+                     f"cWER {pct(agg['cwer'])}% {ci(agg, 'cwer')}")
     if "bleu" in summary:
-        lines.append(f"  BLEU {summary['bleu']:.2f}")
+        lines.append(f"  BLEU {summary['bleu']:.2f} {ci(summary, 'bleu', 1.0)}")
     for f in summary["failed"][:10]:
         lines.append(f"  failed: {f.get('id') or f.get('file')}: {f.get('error')}")
     return "\n".join(lines)
@@ -354,7 +365,7 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
     finally:
         log.close(order=order)
     rows = [log.rows[i] for i in order if i in log.rows]
-    summary = metrics.score(rows, protocol)
+    summary = metrics.score(rows, protocol, bootstrap=Bootstrap.from_config(cfg.get("bootstrap")))
     summary.update(model=cfg.model.name, data=cfg.data.name, intervention=cfg.intervention.tag,
                    points=[p.as_dict() for p in points])
     write_json(out_dir / "summary.json", summary)
