@@ -421,7 +421,7 @@ def write_json(path: Path, obj: Any) -> None:
 # Keys that choose which items a run evaluates, where files go or how fast rows come, never what a row holds.
 SELECTION_KEYS = {
     "data": ("limit", "sample", "seed", "buckets", "on_error", "shard_index", "shard_count", "audio_dir"),
-    "model": ("num_threads", "batch_size"),
+    "model": ("num_threads", "batch_size", "dap_layer_deep"),  # dap_layer_deep: reaches rows through the points
 }
 
 

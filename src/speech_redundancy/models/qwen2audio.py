@@ -103,8 +103,8 @@ class Qwen2AudioModel(HFAudioLLM):
         self.processor.tokenizer.padding_side = "left"
 
     # ------------------------------------------------------------------ checks (before any compute)
-    def check_request(self, req: Request, points: list[Point]) -> None:
-        super().check_request(req, points)
+    def check_request(self, req: Request, points: list[Point], max_new_tokens: int = 0) -> None:
+        super().check_request(req, points, max_new_tokens)
         text = self.prompt_text(req)
         if text.count(AUDIO_TOKEN) != 1:
             raise ValueError(
