@@ -118,6 +118,8 @@ MALFORMED = {
     "run.json points wrong": ("run.json", lambda p: p.write_text(json.dumps({"settings": {
         "intervention": {"name": "x", "points": [{"layer": "two"}]}}}))),
     "summary a folder": ("summary.json", lambda p: (p.unlink(), p.mkdir())),
+    "dynamics not json": ("dyn/dynamics.jsonl", lambda p: (p.parent.mkdir(), p.write_bytes(b"{\"layer\": \n[[["),
+                                                           p.with_name("meta.json").write_text("[]"))),
 }
 
 
@@ -128,10 +130,10 @@ def test_every_reader_names_a_malformed_run_folder(case, tmp_path, capsys):
     d = _good_folder(tmp_path / "o")
     spoil(d / name)
     df, runs, problems = ex.collect(tmp_path / "o")
-    assert any(name in p for p in problems), problems
     if not df.empty:  # the good row is still counted once, nothing else
         assert df.iloc[0]["n"] <= 1
-    make_figures(["--outputs", str(tmp_path / "o"), "--out", str(tmp_path / "fig")])
+    report = make_figures(["--outputs", str(tmp_path / "o"), "--out", str(tmp_path / "fig")])
+    assert any(str(d) in p and Path(name).name in p for p in problems + report.problems), problems + report.problems
     if (d / "results.jsonl").exists() or (d / "results.jsonl").is_symlink():
         got = rescore(d, quiet=True)
         assert got["n_rows"] <= 1
@@ -284,6 +286,10 @@ def test_a_cell_from_an_unfinished_or_partly_failed_run_is_marked(clips, tmp_pat
     assert t.iloc[0]["L1 n"] == "3" and t.iloc[0]["L2 n"] == "3*"
     paths = ex.write_table(t, tmp_path / "t", "oracle", "Oracle")
     assert "marks a run that had not finished" in paths[1].read_text()
+    from speech_redundancy import figures
+
+    figures.oracle_layers(ex.oracle_runs(df), tmp_path / "t" / "fig")  # the points carry n (5* ringed)
+    assert (tmp_path / "t" / "fig.png").is_file()
 
 
 # ------------------------------------------------------------------------------ 8. refusals before the weights load
