@@ -50,6 +50,7 @@ import pandas as pd  # noqa: E402
 
 from speech_redundancy import experiments as ex  # noqa: E402
 from speech_redundancy import figures as figs  # noqa: E402
+from speech_redundancy.results import read_json, read_rows  # noqa: E402
 
 
 # the method every other row of a comparison table is also compared with (besides Vanilla); --reference TABLE=METHOD
@@ -209,10 +210,9 @@ def prefill(outputs, out, rep):
         return rep.skip("Table 2 (prefill_efficiency)", "no bench_prefill.json (run scripts/bench_prefill.py --out "
                                                         f"{outputs}/bench_prefill)")
     for f in files:
-        try:
-            bench = json.loads(f.read_text())
-        except ValueError as e:
-            rep.problems.append(f"{f}: unreadable ({e})")
+        bench, why = read_json(f)
+        if why:
+            rep.problems.append(why)
             continue
         t = ex.prefill_table(bench)
         meta = bench.get("meta") or {}
@@ -221,17 +221,25 @@ def prefill(outputs, out, rep):
                                  f"Prefill efficiency on {meta.get('device', '?')}" + (" (tiny model)" if meta.get("tiny") else "")))
 
 
+def _dynamics(f: Path, rep, quiet: bool = False) -> tuple[list[dict], dict]:
+    """The rows of a dynamics.jsonl and its meta.json, read by the project's readers (problems named, never run)."""
+    rows, bad = read_rows(f, check=lambda r: None if isinstance(r, dict) and isinstance(r.get("layer"), int)
+                          else "not a dynamics row (an object with an integer layer)")
+    meta, why = read_json(f.with_name("meta.json")) if f.with_name("meta.json").exists() else ({}, None)
+    if not quiet:
+        rep.problems.extend(bad + ([why] if why else []))
+    return rows, meta or {}
+
+
 def dynamics(outputs, out, rep):
     files = sorted(Path(outputs).rglob("dynamics.jsonl")) if Path(outputs).exists() else []
     if not files:
         return rep.skip("Fig. 3 (cosine_dynamics)", "no dynamics.jsonl (python -m speech_redundancy.analysis ...)")
     for f in files:
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows, meta = _dynamics(f, rep)
         if not rows:
-            rep.skip(f"Fig. 3 for {f}", "empty file")
+            rep.skip(f"Fig. 3 for {f}", "empty or unreadable file")
             continue
-        meta_path = f.with_name("meta.json")
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         rel = f.parent.relative_to(outputs) if f.is_relative_to(outputs) else f.parent
         name = _slug("_".join(rel.parts[-3:]))
         title = f"Cosine similarity dynamics — {meta.get('model', '')} ({meta.get('n_utterances', '?')} utterances, " \
@@ -305,8 +313,7 @@ def beside(df, outputs, out, rep):
                                               f"Affinity Pooling ω={int(window)} ({feat}) — {data}"))
     by_data: dict[tuple, list] = {}  # model, data selection and features from each dynamics.jsonl's meta.json
     for f in sorted(Path(outputs).rglob("dynamics.jsonl")) if Path(outputs).exists() else []:
-        meta = json.loads(f.with_name("meta.json").read_text()) if f.with_name("meta.json").exists() else {}
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows, meta = _dynamics(f, rep, quiet=True)
         if meta.get("model") and isinstance(meta.get("data"), dict) and rows:
             key = (ex.data_label(meta["data"]), str(meta.get("features", "hidden")))
             by_data.setdefault(key, []).append((meta["model"], pd.DataFrame(rows)))

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:  # a protocol whose tokenizer cannot run here: say so, do the others
                 print(f"skipped: {e}", file=sys.stderr)
         print(format_comparison(done))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing folder, a read-only one (rescored.json), a bad protocol
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

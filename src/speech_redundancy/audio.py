@@ -27,6 +27,10 @@ def check_path(path: Path) -> None:
     """:class:`AudioError` unless ``path`` is a file."""
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO, a socket: never opened (a read could block)
+        from speech_redundancy.results import file_kind
+
+        raise AudioError(f"{path}: is {file_kind(path)}, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
 

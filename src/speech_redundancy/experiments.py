@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from speech_redundancy import metrics, protocols, stats
-from speech_redundancy.results import FAILED_NAME, digest, latest_by_id, read_rows
+from speech_redundancy.results import FAILED_NAME, digest, latest_by_id, read_json, read_run
 
 SHARD_KEYS = ("shard_index", "shard_count")
 OPERATOR_NAMES = {"random_drop": "Random Drop", "uniform_drop": "Uniform Drop", "uniform_merge": "Uniform Merge"}
@@ -133,6 +133,7 @@ class Run:
             rec["ratio"] = float(rec["speedup"])
         rec["protocol"] = protocol or self.protocol
         rec.update(score(self.rows, rec["protocol"], bootstrap))
+        rec["n_mark"] = n_mark(rec["n"], self.complete, rec.get("n_failed"))
         return rec
 
 
@@ -142,6 +143,17 @@ def _point_params(params: dict[str, Any]) -> dict[str, Any]:
         if params.get(key) is not None:
             out[key] = params[key]
     return out
+
+
+PARTIAL = "*"  # after a cell's n: its run had not finished, lacks shards, or some of its utterances failed
+PARTIAL_NOTE = (f"n: utterances scored; {PARTIAL} marks a run that had not finished (no summary.json, in use, "
+                "shards missing) or with failed utterances: its number is not over the whole selection")
+
+
+def n_mark(n: Any, complete: bool, n_failed: Any = 0) -> str:
+    """A cell's utterance count as tables print it: ``8``, or ``5*`` for a run not complete or partly failed."""
+    partial = not complete or bool(n_failed) and not _isnan(n_failed)
+    return f"{int(n)}{PARTIAL if partial else ''}"
 
 
 SCORE_COLUMNS = ("n_failed", "wer", "cwer", "edits", "ref_words", "bleu", "retention", "loop_rate")
@@ -168,40 +180,63 @@ def score(rows: list[dict[str, Any]], protocol: str = "paper", bootstrap: stats.
 
 
 # ----------------------------------------------------------------------------------------------- collecting
+def settings_problem(settings: Any) -> str | None:
+    """Why a ``run.json``'s settings cannot place a run in a table (None when they can): the model, data and
+    intervention nodes must be objects, the points a list of objects with an integer layer, an operator name and
+    a params object."""
+    if not isinstance(settings, dict):
+        return "no settings object"
+    for node in ("model", "data", "task", "intervention"):
+        if settings.get(node) is not None and not isinstance(settings[node], dict):
+            return f"settings.{node} is a {type(settings[node]).__name__}, not an object"
+    for node, key in (("model", "name"), ("data", "name"), ("intervention", "name"), ("intervention", "tag")):
+        value = (settings.get(node) or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            return f"settings.{node}.{key} is not a string"
+    points = (settings.get("intervention") or {}).get("points") or []
+    if not isinstance(points, list):
+        return "settings.intervention.points is not a list"
+    for i, p in enumerate(points):
+        ok = (isinstance(p, dict) and isinstance(p.get("layer"), int) and not isinstance(p.get("layer"), bool)
+              and isinstance(p.get("operator"), str) and isinstance(p.get("params") or {}, dict))
+        if not ok:
+            return f"settings.intervention.points.{i} is not a point (layer, operator, params)"
+    return None
+
+
 def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
-    """The logical runs under ``root`` and one line per problem met on the way (see module docstring)."""
+    """The logical runs under ``root`` and one line per problem met on the way (see module docstring). Each folder
+    is read by :func:`speech_redundancy.results.read_run`, the reader rescore uses too."""
     problems: list[str] = []
     groups: dict[str, Run] = {}
     shard_of: dict[Path, int] = {}
     protocols: dict[str, set[str]] = {}
+    rows_of: dict[str, list[dict[str, Any]]] = {}
     for d in find_run_dirs(root):
-        try:
-            meta = json.loads((d / "run.json").read_text(encoding="utf-8"))
-            settings = meta["settings"]
-        except (OSError, ValueError, KeyError) as e:
-            problems.append(f"{d}/run.json: unreadable, run skipped ({e})")
+        folder = read_run(d)
+        settings = folder.settings
+        why = "unreadable" if folder.meta is None else settings_problem(settings)
+        if why:
+            problems.append(f"{d}/run.json: {why}, run skipped" + (f" ({folder.problems[0]})" if folder.problems else ""))
             continue
+        problems.extend(folder.problems)
         shard_of[d] = _shard_index(settings)
         key = run_key(settings)
         run = groups.setdefault(key, Run(key=key, settings=settings, dirs=[]))
         run.dirs.append(d)
-        protocols.setdefault(key, set()).add(str(meta.get("protocol") or "paper"))
-        if not (d / "summary.json").exists():
+        rows_of.setdefault(key, []).extend(folder.rows)
+        protocols.setdefault(key, set()).add(folder.protocol)
+        if folder.warnings():
             run.complete = False
-            problems.append(f"{d}: no summary.json (the job failed or has not finished); its rows are used as they are")
+            problems.extend(folder.warnings())
     runs = []
     for run in groups.values():
         used = sorted(protocols[run.key])
         run.protocol = used[0] if len(used) == 1 else "paper"
         if len(used) > 1:
             problems.append(f"{run.dirs[0]}: its folders were scored under protocols {used}; scored under paper")
-        rows: list[dict[str, Any]] = []
-        for d in run.dirs:
-            got, bad = read_rows(d / "results.jsonl")
-            problems.extend(bad)
-            rows.extend(got)
-        run.rows = list(latest_by_id(rows).values())
-        count = int((run.settings.get("data") or {}).get("shard_count") or 1)
+        run.rows = list(latest_by_id(rows_of[run.key]).values())
+        count = _shard_count(run.settings)
         shards = {shard_of[d] for d in run.dirs}
         if count > 1 and len(shards) < count:
             run.complete = False
@@ -219,43 +254,34 @@ def load_runs(root: str | Path) -> tuple[list[Run], list[str]]:
 
 def _shard_index(settings: dict[str, Any]) -> int:
     try:
-        return int(settings["data"].get("shard_index") or 0)
-    except (KeyError, AttributeError, TypeError, ValueError):
+        return int((settings.get("data") or {}).get("shard_index") or 0)
+    except (AttributeError, TypeError, ValueError):
         return 0
 
 
-def submitit_failures(root: str | Path) -> list[str]:
-    """One line per submitit job under ``root`` whose result is an error (Hydra's submitit launcher)."""
-    import pickle
-
-    out = []
-    for pkl in sorted(Path(root).rglob("*_result.pkl")) if Path(root).exists() else []:
-        try:
-            with pkl.open("rb") as f:
-                status, value = pickle.load(f)
-        except Exception as e:  # a half-written or foreign pickle: say so, go on
-            out.append(f"{pkl}: unreadable job result ({type(e).__name__})")
-            continue
-        if status != "success":
-            last = str(value).strip().splitlines()[-1:] or ["?"]
-            out.append(f"{pkl.parent}: sweep job failed: {last[0]}")
-    return out
+def _shard_count(settings: dict[str, Any]) -> int:
+    try:
+        return int((settings.get("data") or {}).get("shard_count") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return 1
 
 
 def failed_jobs(root: str | Path) -> list[str]:
-    """One line per run folder under ``root`` holding a ``failed.json``: the folder, the error, the overrides."""
+    """One line per run folder under ``root`` holding a ``failed.json``: the folder, the error, the overrides. This
+    marker (written by the run itself) and the run folders are how failed jobs are known: nothing a launcher left
+    (submitit's pickles) is ever read."""
     root = Path(root)
     out = []
     for marker in sorted(root.rglob(FAILED_NAME)) if root.exists() else []:
         if any(part.startswith(".") for part in marker.parent.relative_to(root).parts):
             continue
-        try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
-            error, overrides = info["error"], " ".join(info.get("overrides") or []) or "(no overrides)"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            out.append(f"{marker}: unreadable failure marker ({e})")
+        info, why = read_json(marker)
+        error = info.get("error") if info else None
+        overrides = info.get("overrides") if info else None
+        if why or not isinstance(error, str) or not isinstance(overrides or [], list):
+            out.append(f"{marker}: unreadable failure marker ({why or 'no error line'})")
             continue
-        out.append(f"{marker.parent}: job failed: {error} [settings: {overrides}]")
+        out.append(f"{marker.parent}: job failed: {error} [settings: {' '.join(map(str, overrides or [])) or '(no overrides)'}]")
     return out
 
 
@@ -267,7 +293,6 @@ def collect(root: str | Path, protocol: str | None = None, bootstrap: stats.Boot
         protocols.get(protocol)  # an unknown name: one line before any scoring
     runs, problems = load_runs(root)
     problems += failed_jobs(root)
-    problems += submitit_failures(root)
     df = pd.DataFrame([r.describe(protocol, bootstrap) for r in runs])
     return df, runs, problems
 
@@ -503,6 +528,7 @@ def oracle_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
         for _, r in g.sort_values("layer").iterrows():
             _cell(rec, f"L{int(r['layer'])} WER", r, "wer")
             _cell(rec, f"L{int(r['layer'])} cWER", r, "cwer")
+            rec[f"L{int(r['layer'])} n"] = r["n_mark"]
         out.append(rec)
     t = pd.DataFrame(out)
     return _cells_to_attrs(t.sort_values(["Operator", "Token Ratio"]).reset_index(drop=True) if not t.empty else t)
@@ -526,6 +552,7 @@ def affinity_table(df: pd.DataFrame, context: str, window: int, features: str) -
             _cell(rec, f"{t} WER", r, "wer")
             _cell(rec, f"{t} cWER", r, "cwer")
             rec[f"{t} Ratio"] = 100 * r["retention"]
+            rec[f"{t} n"] = r["n_mark"]
         out.append(rec)
     return _cells_to_attrs(pd.DataFrame(out))
 
@@ -584,6 +611,7 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
                 _cell(rec, col, r, metric.lower(), 100.0 if metric == "WER" else 1.0)
             else:
                 rec[col] = v
+            rec[f"{name} n"] = r["n_mark"] if r else math.nan
             vals.append(v)
         good = [v for v in vals if not _isnan(v)]
         rec["Avg."] = sum(good) / len(good) if len(good) == len(vals) and good else math.nan
@@ -614,8 +642,11 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
 
 
 def _best(d: pd.DataFrame) -> dict | None:
-    """The row with the most utterances (the same setting may exist in several experiments' folders)."""
-    return None if d.empty else d.sort_values("n", ascending=False).iloc[0].to_dict()
+    """The complete row with the most utterances (the same setting may exist in several experiments' folders)."""
+    if d.empty:
+        return None
+    keys = ["complete", "n"] if "complete" in d else ["n"]  # a complete run before a partial one of the same setting
+    return d.sort_values(keys, ascending=False, kind="stable").iloc[0].to_dict()
 
 
 FIXED_METHODS = (("speedup", "speedup"), ("interpolate", "interpolate"), ("AP_in", "affinity_ratio"))
@@ -645,6 +676,7 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         for n in datasets:
             r = _best(sub[sub["data"] == n]) if not sub.empty else None
             _cell(rec, n, r, "wer")
+            rec[f"{n} n"] = r["n_mark"] if r else math.nan
             vals.append(rec[n])
         rets = [r for r in sub["retention"]] if not sub.empty else []
         rec["Ret."] = 100 * sum(rets) / len(rets) if rets else math.nan
@@ -702,6 +734,7 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
         for k in ratios:
             _cell(rec, f"K={100 * k:g}% WER", van, "wer")
             rec[f"K={100 * k:g}% Ret."] = 100.0
+            rec[f"K={100 * k:g}% n"] = van["n_mark"]
         rows.append({**rec, "Ret. (mean)": 100.0})
     by = ["layer", "operator"] + (["features"] if "features" in d.columns and d["features"].nunique() > 1 else [])
     for key, g in d.groupby(by, sort=True):
@@ -715,6 +748,7 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
             _cell(rec, f"K={100 * k:g}% WER", r, "wer")
             ok = r is not None and not _isnan(rec[f"K={100 * k:g}% WER"])
             rec[f"K={100 * k:g}% Ret."] = 100 * float(r["retention"]) if ok else math.nan
+            rec[f"K={100 * k:g}% n"] = r["n_mark"] if r else math.nan
         rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
         rows.append(rec)
     return _cells_to_attrs(pd.DataFrame(rows))
@@ -794,7 +828,8 @@ def protocols_table(runs: list[Run], context: str,
     recs, columns = [], {}
     for r in chosen:
         tag = str((r.settings.get("intervention") or {}).get("tag"))
-        rec: dict[str, Any] = {"run": tag, "n": sum(row.get("status", "ok") == "ok" for row in r.rows)}
+        n_failed = sum(row.get("status", "ok") != "ok" for row in r.rows)
+        rec: dict[str, Any] = {"run": tag, "n": n_mark(len(r.rows) - n_failed, r.complete, n_failed)}
         for name in names:
             if name in blocked:
                 col = columns.get(name, f"{name} (cannot run here)")
@@ -853,8 +888,12 @@ def to_latex(t: pd.DataFrame, caption: str = "") -> str:
 
 
 def write_table(t: pd.DataFrame, out: Path, stem: str, caption: str = "") -> list[Path]:
-    """``<stem>.csv``, ``.md`` and ``.tex`` under ``out``; returns the paths."""
+    """``<stem>.csv``, ``.md`` and ``.tex`` under ``out``; returns the paths. Every cell's ``n`` column says how
+    many utterances it stands on; when one carries :data:`PARTIAL`, the caption says what that means."""
     out.mkdir(parents=True, exist_ok=True)
+    marked = any(str(v).endswith(PARTIAL) for c in t.columns if str(c) == "n" or str(c).endswith(" n") for v in t[c])
+    if marked:  # the caption says what the mark means
+        caption = f"{caption}. {PARTIAL_NOTE}" if caption else PARTIAL_NOTE
     paths = [out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.tex"]
     t.to_csv(paths[0], index=False)
     paths[1].write_text((f"**{caption}**\n\n" if caption else "") + to_markdown(t), encoding="utf-8")

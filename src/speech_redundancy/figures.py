@@ -1,6 +1,7 @@
 """One plotting function per paper figure. Each takes the DataFrame rows that :mod:`speech_redundancy.experiments`
 built (or the dynamics rows of :mod:`speech_redundancy.analysis`) and a path stem, and writes ``<stem>.png`` and
-``<stem>.pdf``. Rates are fractions in the data and percentages on the axes.
+``<stem>.pdf``. Rates are fractions in the data and percentages on the axes. Every point carries its utterance count
+(``n_mark``; an unfinished or partly failed run's point reads ``5*`` and is ringed in red).
 
 - :func:`oracle_layers`      Fig. 2: WER and cWER (log) against layer, one line per token ratio, one panel per operator
 - :func:`cosine_dynamics`    Fig. 3: neighbour similarity (k), global mean, max within words against layer
@@ -57,6 +58,17 @@ def _band(ax, x: pd.Series, s: pd.DataFrame, key: str, color) -> None:
         ax.fill_between(x, _pct(s[f"{key}_lo"]), _pct(s[f"{key}_hi"]), color=color, alpha=0.15, lw=0)
 
 
+def _n_labels(ax, x, y, s: pd.DataFrame) -> None:
+    """Each point's utterance count beside it (``n_mark``: ``8``, or ``5*`` for an unfinished or partly failed run,
+    which is also ringed in red)."""
+    if "n_mark" not in s:
+        return
+    for xi, yi, mark in zip(x, y, s["n_mark"]):
+        ax.annotate(str(mark), (xi, yi), textcoords="offset points", xytext=(2, 3), fontsize=5, color="0.35")
+        if str(mark).endswith("*"):
+            ax.plot([xi], [yi], "o", mfc="none", mec="red", ms=8, mew=0.8)
+
+
 def _log_safe(ax, values: Sequence[float]) -> None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if vals and min(vals) > 0:
@@ -86,6 +98,7 @@ def _oracle_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "") -
                 ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4,
                         label=f"R={int(b)} ({100 * s['token_ratio'].iloc[0]:.1f}%)")
                 _band(ax, s["layer"], s, key, c)
+                _n_labels(ax, s["layer"], _pct(s[key]), s)
             _vanilla_line(ax, vanilla, key)
             _log_safe(ax, list(_pct(g[key])))
             ax.grid(alpha=0.3, which="both")
@@ -132,6 +145,7 @@ def _affinity_panel(axes, d: pd.DataFrame, vanilla: dict | None, name: str = "")
             s = d[d["threshold"] == t].sort_values("layer")
             ax.plot(s["layer"], _pct(s[key]), "o-", color=c, ms=4, label=f"τ={t:g}")
             _band(ax, s["layer"], s, key, c)
+            _n_labels(ax, s["layer"], _pct(s[key]), s)
         if key == "retention":
             ax.set_ylim(0, 105)
         else:
@@ -214,6 +228,7 @@ def _threshold_row(row, curves, vanilla: dict | None, prefix: str = "") -> None:
         s = runs.sort_values("threshold")
         row[0].plot(s["threshold"], _pct(s["wer"]), "o-", color=c, ms=4, label=label)
         row[1].plot(s["threshold"], _pct(s["retention"]), "o-", color=c, ms=4, label=label)
+        _n_labels(row[0], s["threshold"], _pct(s["wer"]), s)
     _vanilla_line(row[0], vanilla, "wer")
     _log_safe(row[0], [v for _, _, runs in curves for v in _pct(runs["wer"])])
     row[0].set_ylabel(f"{prefix}WER (%)")
@@ -325,6 +340,7 @@ def peer_comparison(d: pd.DataFrame, stem: str | Path, title: str = "", vanilla:
             ax.plot(_pct(s["retention"]), _pct(s["wer"]), marker=markers[i % len(markers)], color=cmap[i], ms=5,
                     label=PEER_NAMES.get(op, op))
             _band(ax, _pct(s["retention"]), s, "wer", cmap[i])
+            _n_labels(ax, _pct(s["retention"]), _pct(s["wer"]), s)
         _vanilla_line(ax, vanilla, "wer")
         ax.invert_xaxis()  # less retention to the right, as compression grows
         ax.set_xlabel("retention (%)")

@@ -10,9 +10,11 @@ A results row::
      # trajectories: "layer", "operator", "budget" and/or "threshold", "loop", "language_switch"}
 
 Rows are scored per (task, language, target language) with :func:`speech_redundancy.metrics.score`, the scorer
-the run summary and the tables use; rows are read with :func:`speech_redundancy.results.read_rows`, the one reader.
-Failed rows are counted, not scored. A line that is not UTF-8, not JSON, or lacks a required key is reported as
-``file:line: reason`` and skipped (counted).
+the run summary and the tables use; the folder is read with :func:`speech_redundancy.results.read_run`, the reader of
+``make figures``: one row per id, the last one written (a retried item written again counts once). Failed rows are
+counted, not scored. A line that is not UTF-8, not JSON, or lacks a required key is reported as ``file:line: reason``
+and skipped (counted). A folder in use (``run.lock`` held) or unfinished (no ``summary.json``) is scored with a
+warning line (``warnings`` in the result, ``complete: false``).
 
 Scoring protocols (:mod:`speech_redundancy.protocols`): without one, the run's own (``run.json``'s ``protocol``,
 else ``paper``) and the result goes to ``rescored.json``; with ``protocol=NAME`` the same hypotheses are scored under
@@ -23,7 +25,6 @@ written.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import defaultdict
@@ -34,7 +35,7 @@ from speech_redundancy.judge import Judge, OfflineJudge
 from speech_redundancy.metrics import group_key, language_switch, protocol_problem, repetition_loop, row_metrics, score
 from speech_redundancy.normalize import CHAR_LANGUAGES
 from speech_redundancy.protocols import get as get_protocol
-from speech_redundancy.results import read_rows, write_json, write_jsonl
+from speech_redundancy.results import read_json, read_run, write_json, write_jsonl
 from speech_redundancy.stats import Bootstrap
 
 
@@ -54,29 +55,28 @@ def score_group(task: str, language: str, target: str | None, rows: list[dict[st
 
 def run_protocol(run_dir: str | Path) -> str:
     """The scoring protocol a run folder was scored under (``run.json``'s ``protocol``; ``paper`` before it had one)."""
-    try:
-        meta = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "paper"
-    return str(meta.get("protocol") or "paper") if isinstance(meta, dict) else "paper"
+    meta, _ = read_json(Path(run_dir) / "run.json")
+    return str(meta.get("protocol") or "paper") if meta else "paper"
 
 
 def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = True, quiet: bool = False,
             protocol: str | None = None, bootstrap: Bootstrap | None = None) -> dict[str, Any]:
-    """Score ``<run_dir>/results.jsonl`` again (intervals drawn as ``bootstrap`` says, default 1000 resamples, seed 0), under the run's own protocol into ``<run_dir>/rescored.json`` or,
+    """Score ``<run_dir>/results.jsonl`` again under the run's own protocol into ``<run_dir>/rescored.json`` or,
     with ``protocol``, under that one into ``rescored.<protocol>.json`` (+ ``.jsonl`` rows); print a table, return
     the dict. An unknown protocol, or one whose tokenizer cannot run here, is one ValueError before any scoring."""
     run_dir = Path(run_dir)
     path = run_dir / "results.jsonl"
     name = get_protocol(protocol).name if protocol is not None else None
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"results file not found: {path}")
-    rows, problems = read_rows(path)
-    used = name or run_protocol(run_dir)
+    folder = read_run(run_dir)  # the reader of make figures: one row per id, the last one written
+    rows, problems = folder.rows, [p for p in folder.problems if not p.startswith(str(run_dir / "run.json"))]
+    used = name or (folder.protocol if folder.meta else "paper")
     why = protocol_problem(used, (r for r in rows if r.get("status", "ok") == "ok"))
     if why:
         raise ValueError(why)
-    for p in problems:
+    warnings = folder.warnings()
+    for p in problems + [f"warning: {w}" for w in warnings]:
         print(p, file=sys.stderr)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -88,7 +88,7 @@ def rescore(run_dir: str | Path, judge: Judge | None = None, *, cache: bool = Tr
         scored[group] = score_group(task, lang, tgt, grp, judge=judge, cache_path=cache_path, protocol=used,
                                     bootstrap=bootstrap)
     summary = {"run_dir": str(run_dir), "protocol": used, "n_rows": len(rows), "n_malformed": len(problems),
-               "malformed": problems, "groups": scored}
+               "malformed": problems, "warnings": warnings, "complete": not warnings, "groups": scored}
     if name is None:
         write_json(run_dir / "rescored.json", _nan_to_none(summary))
     else:
@@ -152,6 +152,8 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     if summary.get("n_malformed"):
         lines.append(f"({summary['n_malformed']} malformed lines skipped)")
+    for w in summary.get("warnings") or []:
+        lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 

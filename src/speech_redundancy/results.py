@@ -11,7 +11,8 @@ compacted to one row per item.
 
 - :class:`FolderLock`: an exclusive ``flock`` on ``run.lock``; the kernel drops it when the process dies (kill -9,
   scancel), so a stale lock never blocks; the holder's pid and host are written inside for the refusal message.
-- :func:`read_rows` is the one reader of results files (runner, rescore, experiments).
+- :func:`read_rows` is the one reader of results files (runner, rescore, experiments), :func:`read_run` the one
+  reader of a run folder (rescore, ``make figures``); neither runs, evaluates or unpickles anything it reads.
 - :func:`identity` / :func:`fingerprint`: what changes a row (model, task and prompt, intervention, decoding, the
   data's identity), not what selects rows (``limit``, ``sample``, ``on_error``, shards) or how fast they come.
 """
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,12 +41,27 @@ STATUSES = ("ok", "failed")
 
 
 # ----------------------------------------------------------------------------- reading
+_NUMBERS = ("tokens_in", "tokens_out", "seconds", "duration", "retention", "edits", "ref_words")
+_TEXTS = ("task", "language", "target_language", "kind")
+
+
 def row_problem(row: Any) -> str | None:
-    """Why ``row`` is not a results row (None when it is): an object with an ``id``, a ``status`` of ok or failed,
-    and for ok rows a ``hypothesis`` string and a ``reference`` string (or list of strings)."""
+    """Why ``row`` is not a results row (None when it is): an object with an ``id`` (a non-empty string or an
+    integer), a ``status`` of ok or failed, for ok rows a ``hypothesis`` string and a ``reference`` string (or list
+    of strings), and the counts and labels the scorer reads of the right type when present (numbers: tokens_in,
+    tokens_out, seconds, duration, retention, edits, ref_words; strings: task, language, target_language, kind)."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     missing = [k for k in ("id", "status") if k not in row]
+    if not missing:
+        uid = row["id"]
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)) or uid == "":
+            return f"id must be a non-empty string, not {uid!r}"
+        bad = [k for k in _NUMBERS if row.get(k) is not None
+               and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+        bad += [k for k in _TEXTS if row.get(k) is not None and not isinstance(row[k], str)]
+        if bad:
+            return f"wrong type for {bad}"
     if row.get("status") == "ok":
         missing += [k for k in ("reference", "hypothesis") if k not in row]
     if missing:
@@ -65,17 +82,63 @@ def has_id(row: Any) -> str | None:
     return None if isinstance(row, dict) and "id" in row else "not an object with an 'id'"
 
 
+MAX_LINE = 64 * 2**20  # bytes: a longer results line is reported and skipped, never read into memory whole
+
+
+def file_problem(path: Path) -> str | None:
+    """Why the file at ``path`` (which exists) is not read: a symbolic link, or not a regular file (a FIFO, a
+    device such as /dev/zero, a folder): ``results.jsonl is a FIFO, not a regular file; not read``."""
+    if path.is_symlink():
+        return f"{path}: is a symbolic link (to {os.readlink(path)}), not a file the project wrote; not read"
+    kind = file_kind(path)
+    return None if kind == "file" else f"{path}: is {kind}, not a regular file; not read"
+
+
+def file_kind(path: Path) -> str:
+    """``file``, ``a folder``, ``a FIFO``, ``a character device``... what ``path`` is (stat follows links)."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _lines(f) -> Iterable[bytes | None]:
+    """The lines of a binary file, each at most :data:`MAX_LINE` bytes (None stands for a longer one, skipped)."""
+    while True:
+        raw = f.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line, a piece at a time
+                raw = f.readline(MAX_LINE)
+            yield None
+            continue
+        yield raw
+
+
 def read_rows(path: str | Path, check: Callable[[Any], str | None] = row_problem) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a JSONL results file, and one ``file:line: malformed result line skipped: reason`` per line that is
-    not UTF-8, not JSON or fails ``check`` (default: a results row, :func:`row_problem`). A missing file reads as
-    empty."""
+    not UTF-8, not JSON, longer than :data:`MAX_LINE` or fails ``check`` (default: a results row,
+    :func:`row_problem`). A missing file reads as empty; a symbolic link or something that is not a regular file
+    (a FIFO, /dev/zero) is not read and is one problem (:func:`file_problem`)."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return rows, problems
+    why = file_problem(path) if path.exists() else f"{path}: is a broken symbolic link; not read"
+    if why:
+        return rows, [why]
     with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
+        for i, raw in enumerate(_lines(f), 1):
+            if raw is None:
+                problems.append(f"{path}:{i}: malformed result line skipped: longer than {MAX_LINE} bytes")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -87,6 +150,8 @@ def read_rows(path: str | Path, check: Callable[[Any], str | None] = row_problem
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     problem = f"not JSON ({e.msg})"
+                except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+                    problem = f"not JSON ({type(e).__name__}: {str(e)[:80]})"
                 else:
                     problem = check(row)
             if problem:
@@ -102,6 +167,104 @@ def latest_by_id(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for row in rows:
         out[str(row["id"])] = row
     return out
+
+
+def read_json(path: str | Path, what: type = dict) -> tuple[Any, str | None]:
+    """(the JSON object in ``path``, None), or (None, ``<path>: why``) when it is missing, a link, not a regular
+    file, larger than :data:`MAX_LINE`, not UTF-8, not JSON or not a ``what``. Never raises."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return None, f"{path}: missing"
+    why = file_problem(path) if path.exists() else f"{path}: is a broken symbolic link; not read"
+    if why:
+        return None, why
+    try:
+        with path.open("rb") as f:
+            blob = f.read(MAX_LINE + 1)
+        if len(blob) > MAX_LINE:
+            return None, f"{path}: larger than {MAX_LINE} bytes; not read"
+        obj = json.loads(blob.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{path}: unreadable ({type(e).__name__}: {str(e)[:120]})"
+    if not isinstance(obj, what):
+        return None, f"{path}: expected a JSON {what.__name__}, got {type(obj).__name__}"
+    return obj, None
+
+
+@dataclass
+class RunFolder:
+    """What a run folder says, read by :func:`read_run` (the one reader of ``make figures``, rescore and resume
+    checks): its ``run.json`` (None when unreadable), one row per id (the last one written wins), every problem met
+    as one line, whether it finished (``summary.json`` present) and who works in it now (``run.lock`` held)."""
+
+    path: Path
+    meta: dict[str, Any] | None
+    rows: list[dict[str, Any]]
+    problems: list[str]
+    finished: bool
+    in_use: str | None
+
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        s = (self.meta or {}).get("settings")
+        return s if isinstance(s, dict) else None
+
+    @property
+    def protocol(self) -> str:
+        return str((self.meta or {}).get("protocol") or "paper")
+
+    def warnings(self) -> list[str]:
+        """One line each for a folder in use and one that has not finished: its numbers are not final."""
+        out = []
+        if self.in_use:
+            out.append(f"{self.path}: in use by {self.in_use} (run.lock held): rows may still be added")
+        if not self.finished:
+            out.append(f"{self.path}: no summary.json (the job failed or has not finished): the rows found are used "
+                       "as they are and the numbers marked unfinished")
+        return out
+
+
+def read_run(folder: str | Path) -> RunFolder:
+    """Read a run folder without writing to it (see :class:`RunFolder`); nothing in it is executed or unpickled."""
+    folder = Path(folder)
+    meta, problem = read_json(folder / "run.json")
+    problems = [problem] if problem else []
+    if meta is not None and not isinstance(meta.get("settings"), dict):
+        problems.append(f"{folder / 'run.json'}: no settings object")
+    rows, bad = read_rows(folder / "results.jsonl")
+    summary = folder / "summary.json"
+    return RunFolder(path=folder, meta=meta, rows=list(latest_by_id(rows).values()), problems=problems + bad,
+                     finished=summary.is_file() and not summary.is_symlink(), in_use=lock_holder(folder))
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds ``<folder>/run.lock`` (``pid N on HOST since T``), or None when nobody does. The probe takes a
+    shared lock for an instant; :meth:`FolderLock.acquire` retries briefly, so a run starting meanwhile is not
+    refused."""
+    path = Path(folder) / LOCK_NAME
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock if it was taken
+    return None
+
+
+def _holder(fd: int) -> str:
+    try:
+        who = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace").strip())
+        return f"pid {who['pid']} on {who['host']} since {who['since']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "another process"
 
 
 # ----------------------------------------------------------------------------- the folder lock
@@ -123,15 +286,17 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for attempt in range(5):  # a reader's probe (lock_holder) holds a shared lock for an instant
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            who = _holder(fd)
             os.close(fd)
-            try:
-                who = json.loads(holder)
-                who = f"pid {who['pid']} on {who['host']} since {who['since']}"
-            except (ValueError, KeyError, TypeError):
-                who = "another process"
             raise FolderBusy(f"{self.folder} is in use by {who}; wait for it to finish or choose another "
                              "run_name=... (hydra.run.dir=...)") from None
         except BaseException:
@@ -256,7 +421,7 @@ def write_json(path: Path, obj: Any) -> None:
 # Keys that choose which items a run evaluates, where files go or how fast rows come, never what a row holds.
 SELECTION_KEYS = {
     "data": ("limit", "sample", "seed", "buckets", "on_error", "shard_index", "shard_count", "audio_dir"),
-    "model": ("num_threads", "batch_size"),
+    "model": ("num_threads", "batch_size", "dap_layer_deep"),  # dap_layer_deep: reaches rows through the points
 }
 
 

@@ -66,8 +66,10 @@ class FolderInUse(RunError):
 
 
 # ----------------------------------------------------------------------------- settings
-def _integer(cfg: DictConfig, key: str, minimum: int | None) -> int:
-    value = cfg.get(key)
+def _integer(cfg: DictConfig, key: str, minimum: int | None, optional: bool = False) -> int | None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if optional and value is None:
+        return None
     ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
     if not ok:
         allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
@@ -81,7 +83,17 @@ def check_settings(cfg: DictConfig) -> None:
     _integer(cfg, "batch_size", 1)
     _integer(cfg, "max_new_tokens", 1)
     _integer(cfg, "seed", None)
+    if "model" in cfg:
+        _integer(cfg, "model.batch_size", 1, optional=True)
+    if "data" in cfg:
+        for key, minimum in (("shard_count", 1), ("shard_index", 0), ("limit", 0), ("sample", 0)):
+            _integer(cfg, f"data.{key}", minimum, optional=True)
     protocol_of(cfg)
+
+
+def batch_size_of(cfg: DictConfig) -> int:
+    """The one batch size: the top-level ``batch_size``, or ``model.batch_size`` where only that one was raised."""
+    return max(int(cfg.get("batch_size") or 1), int(OmegaConf.select(cfg, "model.batch_size", default=None) or 1))
 
 
 def protocol_of(cfg: DictConfig) -> str:
@@ -117,12 +129,24 @@ def _static_depth(model_cfg: DictConfig) -> tuple[int, str] | None:
 def check_layers_before_load(cfg: DictConfig, points: list[Point]) -> None:
     """The layer range, from the model preset's static facts, before the weights load (the adapter's
     ``check_points`` stays the authority once they have)."""
+    attn = OmegaConf.select(cfg, "model.attn_implementation", default=None)
+    if cfg.model.get("family") != "whisper" and attn not in (None, "eager"):
+        for p in points:  # what the adapter refuses once loaded (engine.check_points), said before the weights load
+            if p.needs_scores:
+                where = "the audio encoder's attention at layer 0" if p.layer == 0 else f"attention at layer {p.layer - 1}"
+                raise RunError(f"operator={p.operator} at layer={p.layer} needs {where}, which "
+                               f"model.attn_implementation={attn} does not return: set model.attn_implementation=eager")
     depth = _static_depth(cfg.model)
     if depth is None:
         return
     last, what = depth
+    scheduled = any(isinstance(raw, DictConfig) and raw.get("schedule") is not None
+                    for raw in (cfg.intervention.get("points") or []))
     for p in points:
         if not 0 <= p.layer <= last:
+            if scheduled:  # the layer was generated from layer..schedule_stop-1: the key to change is schedule_stop
+                raise RunError(f"schedule_stop={max(q.layer for q in points) + 1} is out of range for {cfg.model.name}: the schedule's "
+                               f"layers must lie in 0..{last} ({what}); use schedule_stop <= {last + 1}")
             raise RunError(f"layer={p.layer} is out of range for {cfg.model.name}: allowed 0..{last} ({what})")
 
 
@@ -224,6 +248,8 @@ def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None, pr
         "language": utt.language,
         "reference": utt.text,
         "hypothesis": out.text,
+        "audio": str(utt.audio),
+        "audio_digest": audio_digest(utt.audio),
         "duration": utt.duration,
         "tokens_in": out.tokens_in,
         "tokens_out": out.tokens_out,
@@ -249,6 +275,31 @@ def item_row(utt, out, *, save_groups: bool, token_rate: float | None = None, pr
             if len(spans) == len(words):  # every word kept a token: the labels line up with the spans
                 row["words"] = [w.word for w in words]
     return row
+
+
+def audio_digest(path: str | Path) -> str | None:
+    """A cheap digest of an audio file's content: its size and modification time (None when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def stale_reason(row: dict[str, Any] | None, utt) -> str | None:
+    """Why a finished row cannot be kept for ``utt`` (None when it can): its reference, audio path or audio digest
+    differs from the manifest item's now, or it holds no audio token (decoded without audio)."""
+    if row is None:
+        return None
+    if row.get("tokens_in") == 0:
+        return "its row was decoded from no audio token"
+    if row.get("reference") != utt.text:
+        return "its reference changed in the manifest"
+    if "audio" in row and row["audio"] != str(utt.audio):
+        return f"its audio path changed ({row['audio']} -> {utt.audio})"
+    if row.get("audio_digest") is not None and row["audio_digest"] != audio_digest(utt.audio):
+        return "its audio file changed (size or modification time)"
+    return None
 
 
 def failed_row(utt, error: str) -> dict[str, Any]:
@@ -350,6 +401,11 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
     for row in load_rows:
         if not log.done(row["id"]):
             log.append(row)
+    for u in utts:  # a row that no longer matches its manifest item, or that should not have been ok, is redone
+        why = stale_reason(log.rows.get(u.id), u) if log.done(u.id) else None
+        if why:
+            print(f"{u.id}: {why}; decoded again", file=sys.stderr)
+            log.rows.pop(u.id)
     todo = [u for u in utts if not log.done(u.id)]
     if len(todo) < len(utts):
         print(f"resuming {out_dir}: {len(utts) - len(todo)} of {len(utts)} utterances already done")
@@ -375,12 +431,15 @@ def _run_locked(cfg: DictConfig, out_dir: Path, points: list[Point]) -> dict[str
 
 
 def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str, protocol: str = "paper") -> None:
-    bs = int(cfg.get("batch_size", 1))
+    bs = batch_size_of(cfg)
     prompt = cfg.task.get("prompt") if "task" in cfg else None
     save_groups = bool(cfg.get("save_groups", False))
     speedup = cfg.intervention.get("speedup")
     bar = tqdm(total=len(todo), desc=f"{cfg.model.name} {cfg.intervention.tag}", unit="utt", dynamic_ncols=True)
     edits = words = 0
+
+    if hasattr(model, "batch_size"):  # the adapter batches what the runner hands it: one key decides both
+        model.batch_size = bs
 
     def failed(utt, error: Exception) -> None:
         message = str(error) if str(error).startswith(utt.id) else f"{utt.id}: {error}"
@@ -398,7 +457,8 @@ def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str, protocol: 
         log.append(row)
         if "edits" in row:
             edits, words = edits + row["edits"], words + row["ref_words"]
-            bar.set_postfix(wer=f"{100 * edits / max(words, 1):.1f}%", ret=f"{row['retention']:.2f}")
+            ret = row.get("retention")
+            bar.set_postfix(wer=f"{100 * edits / max(words, 1):.1f}%", ret="-" if ret is None else f"{ret:.2f}")
         bar.update(1)
 
     try:
@@ -412,6 +472,11 @@ def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str, protocol: 
                     continue
                 if speedup:  # signal-level baseline (paper §5.3): time-stretch the waveform, pitch kept
                     audio = time_stretch(audio, 1.0 / float(speedup))
+                n_tokens = audio_tokens(model, utt, audio, prompt)
+                if n_tokens is not None and n_tokens < 1:  # nothing for the model to hear: never decoded
+                    failed(utt, ValueError(f"{len(audio) / 16000 * 1000:.0f} ms of audio gives no audio token on "
+                                           f"{model.name}; the item is left out"))
+                    continue
                 requests.append(Request(utt=utt, audio=audio, seed=ops.seed_for(int(cfg.seed), utt.id), prompt=prompt))
             if not requests:
                 continue
@@ -433,6 +498,17 @@ def _decode(cfg, model, points, todo, log: ResultsLog, on_error: str, protocol: 
                 done(req, out)
     finally:
         bar.close()
+
+
+def audio_tokens(model, utt, audio, prompt) -> int | None:
+    """The audio tokens ``model`` makes of ``audio`` (its ``audio_tokens``), or None when it cannot say."""
+    count = getattr(model, "audio_tokens", None)
+    if count is None:
+        return None
+    try:
+        return int(count(Request(utt=utt, audio=audio, prompt=prompt)))
+    except Exception:  # noqa: BLE001 - the adapter's own checks will say what is wrong
+        return None
 
 
 def _check_resume(out_dir: Path, ident: dict[str, Any], fp: str, cfg: DictConfig) -> None:

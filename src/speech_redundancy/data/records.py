@@ -8,7 +8,8 @@ A manifest line::
 ``audio`` is resolved relative to the manifest's folder. Optional keys: ``question``, ``choices``,
 ``answer`` (QA), ``translation`` and ``target_language`` (ST), ``source`` (provenance).
 
-A line that is not UTF-8, not a JSON object or lacks a required key is an error naming ``file:line``; with
+A line that is not UTF-8, not a JSON object, lacks a required key or has one of the wrong type (``id`` a
+non-empty string, ``text`` a string or list of strings, ``audio`` a path string) is an error naming ``file:line``; with
 ``on_error="skip"`` only that line is left out (recorded by its ``id`` when it has one, else by ``file:line``).
 """
 
@@ -61,6 +62,13 @@ class Utterance:
         missing = [k for k in ("id", "audio", "text") if k not in d]
         if missing:
             raise ValueError(f"manifest record lacks {missing}; required keys: id, audio, text")
+        uid, text, audio = d["id"], d["text"], d["audio"]
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)) or not str(uid).strip():
+            raise ValueError(f"id must be a non-empty string, got {uid!r}")
+        if not (isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))):
+            raise ValueError(f"{uid}: text must be a string or a list of strings, got {text!r}"[:200])
+        if not isinstance(audio, str) or not audio.strip():
+            raise ValueError(f"{uid}: audio must be a path string, got {audio!r}"[:200])
         audio = Path(d["audio"])
         if root is not None and not audio.is_absolute():
             audio = root / audio
@@ -105,7 +113,8 @@ def read_manifest(path: str | Path, on_error: str = "raise", failures: list[dict
                 if on_error != "skip":
                     raise error from None
                 if failures is not None:
-                    has_id = isinstance(record, dict) and record.get("id") not in (None, "")
+                    has_id = isinstance(record, dict) and isinstance(record.get("id"), (str, int)) \
+                        and not isinstance(record["id"], bool) and str(record["id"]).strip() != ""
                     failures.append({"id": str(record["id"])} if has_id else {"file": f"{path}:{i}"})
                     failures[-1]["error"] = str(error)
     return out

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -436,12 +437,18 @@ def write_tiny(folder: str | Path, speech_folder: str | Path, shape: TinyShape =
     if _stamped(folder, stamp) and _stamped(speech_folder, stamp):
         return folder, speech_folder
     raw = _tiny_config(shape)
+    for final in (folder, speech_folder):  # a folder the project did not write is never emptied or overwritten
+        if not _ours_or_empty(final):
+            raise FileExistsError(f"{final}: exists and is not a tiny model this project wrote (no .tiny.json); "
+                                  "the tiny preset writes only into a missing or empty folder: pass another "
+                                  "model.path / model.speech_tokenizer")
     for part, (final, build) in enumerate(((folder, "ckpt"), (speech_folder, "speech"))):
         if _stamped(final, stamp):
             continue
         torch.manual_seed(shape.seed + part)  # each folder alone is deterministic
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))  # new, so ours to remove
+        tmp.rmdir()
         if build == "ckpt":
             tmp.mkdir(parents=True)
             (tmp / "config.json").write_text(json.dumps(raw, indent=2))
@@ -452,7 +459,8 @@ def write_tiny(folder: str | Path, speech_folder: str | Path, shape: TinyShape =
             _write_speech_tokenizer(tmp, shape)
         (tmp / ".tiny.json").write_text(stamp)
         if not _stamped(final, stamp):  # another process (a sweep job) may have finished it meanwhile
-            shutil.rmtree(final, ignore_errors=True)
+            if _ours_or_empty(final):  # an older tiny model of ours, or an empty folder
+                shutil.rmtree(final, ignore_errors=True)
             try:
                 os.replace(tmp, final)
             except OSError:
@@ -460,6 +468,13 @@ def write_tiny(folder: str | Path, speech_folder: str | Path, shape: TinyShape =
                     raise
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, speech_folder
+
+
+def _ours_or_empty(folder: Path) -> bool:
+    """True for a missing folder, an empty one, or one carrying the tiny writer's marker (``.tiny.json``)."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and not folder.is_symlink() and ((folder / ".tiny.json").is_file() or not any(folder.iterdir()))
 
 
 def _stamped(folder: Path, stamp: str) -> bool:

@@ -92,9 +92,9 @@ class LSLMAdapter:
     def check_points(self, points: list[Point]) -> None:
         check_points(points, self.reach, positions=self.positions, pool_early_kv=self.pool_early_kv)
 
-    def check_request(self, req: Request, points: list[Point]) -> None:
-        """One clear line for a request this model cannot take: empty or too long audio, no word alignments for an
-        oracle budget, more audio tokens than the model's context."""
+    def check_request(self, req: Request, points: list[Point], max_new_tokens: int = 0) -> None:
+        """One clear line for a request this model cannot take: empty or too long audio, no audio token, no word
+        alignments for an oracle budget, more prompt, audio and new tokens than the model's context."""
         if len(req.audio) == 0:
             raise ValueError(f"{req.utt.id}: empty audio")
         seconds = len(req.audio) / SAMPLE_RATE
@@ -105,9 +105,19 @@ class LSLMAdapter:
             raise ValueError(f"{req.utt.id}: the oracle operators need word alignments, and this utterance has none "
                              "(align the dataset first: see docs/datasets.md)")
         n, context = self.audio_tokens(req), self.context_length()
-        if n is not None and context is not None and n >= context:
-            raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio gives {n} audio tokens, beyond {self.name}'s "
-                             f"context of {context} positions")
+        if n is not None and n < 1:
+            raise ValueError(f"{req.utt.id}: {1000 * seconds:.0f} ms of audio gives no audio token on {self.name}")
+        if n is not None and context is not None:
+            total = n + self.prompt_tokens(req) + max_new_tokens
+            if total > context:
+                raise ValueError(f"{req.utt.id}: {seconds:.1f} s of audio gives {n} audio tokens; with the prompt and "
+                                 f"max_new_tokens={max_new_tokens} that is {total} positions, beyond {self.name}'s "
+                                 f"context of {context}: split the utterance or lower max_new_tokens")
+
+    def prompt_tokens(self, req: Request) -> int:
+        """Text tokens of the request's prompt around the audio span (0 when the adapter cannot say)."""
+        text = getattr(self, "prompt_text", None)
+        return max(0, len(self.tokenizer.encode(text(req))) - 1) if text is not None else 0
 
     # ------------------------------------------------------------------ generation
     def hidden_states(self, req: Request) -> list[torch.Tensor]:
@@ -118,7 +128,7 @@ class LSLMAdapter:
         """Greedy decoding of each request with ``points`` applied during prefill (``batch_size`` at a time)."""
         self.check_points(points)
         for req in requests:
-            self.check_request(req, points)
+            self.check_request(req, points, max_new_tokens)
         outs: list[Output] = []
         for start in range(0, len(requests), self.batch_size):
             outs += self.generate_batch(requests[start:start + self.batch_size], points, max_new_tokens)

@@ -126,8 +126,8 @@ class Qwen2AudioModel(HFAudioLLM):
         self.processor.tokenizer.padding_side = "left"
 
     # ------------------------------------------------------------------ checks (before any compute)
-    def check_request(self, req: Request, points: list[Point]) -> None:
-        super().check_request(req, points)
+    def check_request(self, req: Request, points: list[Point], max_new_tokens: int = 0) -> None:
+        super().check_request(req, points, max_new_tokens)
         n = len(windows(req.audio, self.long_audio))
         text = self.prompt_text(req, n)
         want = n if self.long_audio == "items" else 1
