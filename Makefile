@@ -39,8 +39,9 @@ figures: setup  ## every paper table (CSV/Markdown/LaTeX) and figure (PNG/PDF) f
 paper-demo: data  ## reduced paper sweeps on Whisper base over the demo set (CPU, <30 min), then make figures
 	PYTHON=$(BIN)/python SR_OUTPUTS=outputs scripts/paper_demo.sh
 
-bench: setup  ## operator timings against the literal Algorithm 1 loop
-	$(BIN)/python scripts/bench_compress.py
+bench: data  ## operator timings on random, smooth, massive and real (Whisper base) hidden states, beside one copy
+	@mkdir -p outputs
+	$(BIN)/python scripts/bench_compress.py --json outputs/bench_compress.json
 
 bench-prefill: setup  ## Qwen2-Audio-7B architecture, random weights, TTFT and memory by duration bucket (needs a GPU)
 	$(BIN)/python scripts/bench_prefill.py --out outputs/bench_prefill
