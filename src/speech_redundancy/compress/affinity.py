@@ -183,17 +183,21 @@ def _recompute(cos: np.ndarray, mask: np.ndarray, f: Tensor) -> np.ndarray:
 
 def _float64_cosines(f: Tensor, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """cos(f_i, f_j) for index pairs, in float64 from elementwise products, as algorithm1 computes it (one
-    device-to-host copy; pairs in chunks of at most 2^22 float64 values per operand)."""
-    i_t, j_t = torch.from_numpy(i).to(f.device), torch.from_numpy(j).to(f.device)
+    device-to-host copy). Each row's squared norm is summed once; the pairs' rows go in chunks of at most 2^22
+    float64 values per operand."""
+    rows, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+    dev = f.device
     chunk = max(1, 2**22 // max(1, f.shape[1]))
-    out = []
-    for s in range(0, i.size, chunk):
-        a = f.index_select(0, i_t[s : s + chunk]).double()
-        b = f.index_select(0, j_t[s : s + chunk]).double()
-        den = ((a * a).sum(-1) * (b * b).sum(-1)).sqrt()
-        dot = (a * b).sum(-1)
-        out.append(torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0))
-    return torch.cat(out).cpu().numpy()
+    rows_t = torch.from_numpy(rows).to(dev)
+    norms = torch.cat([(r * r).sum(-1) for r in (f.index_select(0, rows_t[s : s + chunk]).double()
+                                                 for s in range(0, rows.size, chunk))])
+    inverse_t = torch.from_numpy(inverse).to(dev)
+    den = (norms[inverse_t[: i.size]] * norms[inverse_t[i.size :]]).sqrt()
+    i_t, j_t = torch.from_numpy(i).to(dev), torch.from_numpy(j).to(dev)
+    dot = torch.cat([(f.index_select(0, i_t[s : s + chunk]).double() * f.index_select(0, j_t[s : s + chunk]).double())
+                     .sum(-1) for s in range(0, i.size, chunk)])
+    cos = torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
+    return cos.cpu().numpy()
 
 
 def similarity_band(features: Tensor, window: int) -> Tensor:
