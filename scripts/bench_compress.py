@@ -17,7 +17,8 @@ Inputs (float32 [T, d]; by default T = 1500, d = 4096, windows 1 and 3):
 
 Per input: ``copy`` (``x.clone()``, the yardstick), every operator of ``compress.OPERATORS`` through ``compress``,
 ``affinity_groups`` alone (the groups without the means), and the literal Algorithm 1 loop plus a per-group mean
-(``literal``). Milliseconds, median (and minimum) after warm-up; operators slower than 100 ms get at most 3 timed
+(``literal``). Milliseconds (wall-clock, or with ``--clock cpu`` this process's CPU time), median (and minimum)
+after warm-up; operators slower than 100 ms get at most 3 timed
 calls. Parameters: tau = 0.8; K = 60%; word spans of 10 tokens (R = 4) for the oracle operators; uniform random
 attention scores and a random 12-token text query for the peer operators; ``segment=25``.
 """
@@ -88,9 +89,16 @@ def whisper_states(n_clips: int) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def timer(device: str):
-    """Milliseconds of one call of f, synchronised on CUDA."""
-    if device.startswith("cuda"):
+def timer(device: str, clock: str = "wall"):
+    """Milliseconds of one call of f, synchronised on CUDA; ``clock="cpu"``: the CPU time of this process instead of
+    the wall-clock time (on a loaded machine it leaves out the time other jobs hold the cores; with one thread it is
+    close to the wall-clock time an idle machine would give)."""
+    if clock == "cpu":
+        def run(f):
+            t0 = time.process_time()
+            f()
+            return (time.process_time() - t0) * 1e3
+    elif device.startswith("cuda"):
         def run(f):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
@@ -107,9 +115,9 @@ def timer(device: str):
     return run
 
 
-def time_ms(f, device: str, repeats: int, warmup: int = 2) -> tuple[float, float]:
+def time_ms(f, device: str, repeats: int, warmup: int = 2, clock: str = "wall") -> tuple[float, float]:
     """(median, minimum) milliseconds of f after warm-up; at most 3 timed calls when a warm-up call took > 100 ms."""
-    once = timer(device)
+    once = timer(device, clock)
     slow = max(once(f) for _ in range(warmup)) > 100
     times = [once(f) for _ in range(min(repeats, 3) if slow else repeats)]
     return statistics.median(times), min(times)
@@ -165,7 +173,7 @@ def bench_input(label: str, x: torch.Tensor, window: int, args, only: set[str] |
     ms, ms_min = {}, {}
 
     def add(name, f, repeats=args.repeats, warmup=2):
-        ms[name], ms_min[name] = time_ms(f, args.device, repeats, warmup)
+        ms[name], ms_min[name] = time_ms(f, args.device, repeats, warmup, args.clock)
 
     add("copy", x.clone)
     for name, params in operators(T, d, window, args.device).items():
@@ -195,10 +203,14 @@ def main() -> None:
     ap.add_argument("--windows", default="1,3", help="comma-separated windows (omega)")
     ap.add_argument("--real", type=int, default=None,
                     help="longest demo clips whose Whisper base hidden states are timed (default 2, --quick 1; 0: none)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall-clock time (default) or this process's CPU time (CPU only; for loaded machines)")
     ap.add_argument("--only", default=None, help="comma-separated operators to time (default: all)")
     ap.add_argument("--json", default=None, help="write every row and the run's settings as JSON")
     ap.add_argument("--out", default=None, help="write the milliseconds as CSV")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        raise SystemExit("--clock cpu times the host process; use it with --device cpu")
     torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (5 if args.quick else 15)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -227,7 +239,7 @@ def main() -> None:
     report_targets(rows)
     if args.json:
         meta = {"started_utc": started.isoformat(timespec="seconds"), "device": args.device,
-                "threads": torch.get_num_threads(), "cpu": cpu_name(), "cores": os.cpu_count(),
+                "threads": torch.get_num_threads(), "clock": args.clock, "cpu": cpu_name(), "cores": os.cpu_count(),
                 "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
                 "load_before": load_before, "load_after": load_after, "threshold": THRESHOLD, "ratio": RATIO,
                 "targets_ms": TARGETS}
