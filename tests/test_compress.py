@@ -257,6 +257,94 @@ def test_zero_vectors_have_cosine_zero():
     assert torch.equal(similarity_band(x, 1)[1:], torch.zeros(4, 1))
 
 
+# Hard inputs for the fast path: neighbours whose cosines crowd near 1 (deep layers), where the float32 band cannot
+# tell values apart that the float64 cosine of algorithm1 does. The reference below is written here, token by token.
+
+
+class Literal64:
+    """Algorithm 1 as a literal loop, every cosine in float64 from elementwise products of one pair of rows:
+    cos = a.b / sqrt(|a|^2 |b|^2), 0 against a zero vector, clipped to [-1, 1]."""
+
+    def __init__(self, x: torch.Tensor):
+        self.h = x.double()
+        self.memo: dict[tuple[int, int], float] = {}
+
+    def cos(self, t: int, s: int) -> float:
+        if (t, s) not in self.memo:
+            a, b = self.h[t], self.h[s]
+            den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+            self.memo[t, s] = 0.0 if den == 0 else max(-1.0, min(1.0, float((a * b).sum()) / den))
+        return self.memo[t, s]
+
+    def groups(self, threshold: float, window: int) -> list[int]:
+        groups, current = [0], [0]
+        for t in range(1, self.h.shape[0]):
+            if max(self.cos(t, m) for m in current[-min(len(current), window):]) >= threshold:
+                current.append(t)
+                groups.append(groups[-1])
+            else:
+                current = [t]
+                groups.append(groups[-1] + 1)
+        return groups
+
+
+def hard_rows(kind: str, T: int, d: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "walk":  # a random walk: neighbours' cosines between about 0.9 and 1 - 1e-4
+        return torch.randn(T, d, generator=gen).cumsum(0)
+    if kind == "massive":  # a few dimensions shared by every token and ~100x the others (massive activations)
+        x = torch.randn(T, d, generator=gen)
+        x[:, :3] += torch.tensor([80.0, -120.0, 60.0])
+        return x
+    if kind == "tiny":  # float32 rows whose squared entries underflow float32 (but not float64)
+        return torch.randn(T, d, generator=gen).cumsum(0) * 1e-30
+    raise ValueError(kind)
+
+
+def tie_thresholds(ref: Literal64, window: int, bound: float, rng: np.random.Generator) -> list[float]:
+    """Some neighbours' float64 cosines (exact ties), the floats just above and below them, and values just inside
+    and just outside the rounding bound (2 F eps) around them."""
+    T = ref.h.shape[0]
+    out = []
+    for _ in range(4):
+        t = int(rng.integers(window, T))
+        c = ref.cos(t, t - int(rng.integers(1, window + 1)))
+        out += [c, math.nextafter(c, 2), math.nextafter(c, -2), c + 0.99 * bound, c - 0.99 * bound,
+                c + 1.01 * bound, c - 1.01 * bound]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["walk", "massive", "tiny"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_inputs_tie_exactly_as_the_literal_float64_loop(kind, dtype):
+    rng = np.random.default_rng(21)
+    T, d = 120, 384
+    x = hard_rows(kind, T, d, seed=3).to(dtype)
+    ref = Literal64(x)
+    bound = 2 * d * torch.finfo(dtype).eps
+    for window in (1, 3):
+        for tau in tie_thresholds(ref, window, bound, rng) + [0.8, 0.999]:
+            want = ref.groups(tau, window)
+            assert affinity_groups(x, tau, window).tolist() == want, (window, tau)
+            assert affinity_pool(x, tau, window).groups.tolist() == want, (window, tau)
+            assert algorithm1(x, tau, window).tolist() == want, (window, tau)
+
+
+@pytest.mark.parametrize("kind", ["walk", "massive"])
+def test_duplicates_among_near_neighbours_at_threshold_one(kind):
+    """At tau = 1 only exact copies (and exact multiples) merge, even where every neighbour is within 1e-4 of them."""
+    rng = np.random.default_rng(22)
+    for case in range(6):
+        T, window = 80, int(rng.integers(1, 5))
+        base = hard_rows(kind, T, 1024, seed=case)
+        source = np.sort(rng.integers(0, T, size=T))  # runs of copies of rows of the walk
+        x = base[torch.from_numpy(source)] * torch.from_numpy(rng.choice([1.0, 2.0, 0.5], size=(T, 1))).float()
+        want = Literal64(x).groups(1.0, window)
+        assert affinity_groups(x, 1.0, window).tolist() == want, case
+        assert algorithm1(x, 1.0, window).tolist() == want, case
+        assert 1 < max(want) + 1 < T  # both joins and new groups
+
+
 # ------------------------------------------------------------------------------------- oracle (§3.1)
 
 
@@ -629,7 +717,7 @@ def test_seed_for_is_stable_and_spread():
 
 def test_affinity_copies_to_host_once(monkeypatch):
     """Algorithm 1 needs one device-to-host copy per sequence (no per-token sync), plus one when a cosine is within
-    rounding of 1 (recomputed in float64)."""
+    rounding of tau (recomputed in float64); smooth inputs, whose neighbours are all near 1, need no second one."""
     calls = []
     for name in ("cpu", "item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
@@ -643,5 +731,12 @@ def test_affinity_copies_to_host_once(monkeypatch):
     affinity_pool(x, 0.9, 3, features=x * 2)
     assert calls == ["cpu"]
     calls.clear()
-    affinity_pool(torch.cat([x, x[-1:]]), 0.9, 3)  # an exact duplicate at the end
+    affinity_pool(torch.cat([x, x[-1:]]), 0.9, 3)  # an exact duplicate at the end: cosine 1, far from tau
+    assert calls == ["cpu"]
+    calls.clear()
+    affinity_pool(torch.cat([x, x[-1:]]), 1.0, 3)  # the same at tau = 1: recomputed in float64
     assert calls == ["cpu", "cpu"]
+    calls.clear()
+    walk = torch.randn(300, 4096).cumsum(0)  # neighbours within 1e-3 of 1, none near tau
+    affinity_pool(walk, 0.8, 3)
+    assert calls == ["cpu"]

@@ -113,7 +113,27 @@ def _cosines(dots: np.ndarray) -> np.ndarray:
 
 def cosine_band(x: Tensor, window: int, features: Tensor | None = None) -> np.ndarray:
     """cos(f_t, f_{t-j}) for j = 1..window as float64 [T, window] on the host (-inf where t - j < 0), with the
-    finiteness checks of x and features, in one device-to-host copy."""
+    finiteness checks of x and features, in one device-to-host copy.
+
+    Cosines within the rounding bound of 1 (and the few whose float32 value cannot be bounded, see ``_band``) are
+    recomputed in float64 as :func:`algorithm1` computes them, so a token and its exact duplicate have cosine
+    exactly 1 (a second copy, only when there are such pairs).
+    """
+    cos, doubt, f, bound = _band(x, window, features)
+    return _recompute(cos, doubt | (np.isfinite(cos) & (cos >= 1.0 - bound)), f)
+
+
+def _band(x: Tensor, window: int, features: Tensor | None) -> tuple[np.ndarray, np.ndarray, Tensor, float]:
+    """The band of cosines from the float32 (float64 for float64 input) dot products, unrefined.
+
+    Returns (cos [T, window], doubt [T, window], f, bound). Where ``doubt`` is False, the cosine is within ``bound``
+    of the one :func:`algorithm1` computes, so a comparison with tau decides as algorithm1 does whenever
+    |cos - tau| > bound. ``bound`` = 2 F eps: a dot product of F terms is within F u |a| |b| of the exact one
+    (u = eps / 2, any summation order), each squared norm within F u n, so the cosine is within about 2 F u (1 + |cos|)
+    <= 4 F u of the exact value, and algorithm1's own float64 value within F 2^-53 of it. That holds as long as no
+    product underflows: ``doubt`` marks the pairs with a squared norm below ``_TINY`` (zero rows included) or a
+    non-finite dot product, whose cosines must be recomputed whatever tau is.
+    """
     f = check_features(x, features)
     dots = _band_dots(f, window).flatten()
     if f is not x and x.numel():  # x's own finiteness rides along in the same copy
@@ -127,23 +147,55 @@ def cosine_band(x: Tensor, window: int, features: Tensor | None = None) -> np.nd
     if host.size > band.size and not np.isfinite(host[-1]):
         raise_nonfinite(x, "x")
     cos = _cosines(band)
-    # Near 1 the float32 dots lose the last digits that decide a tie at tau = 1 (a GEMM sums the columns of one
-    # row in different orders, so a token's dot with its exact duplicate can differ from its squared norm). Within
-    # the rounding bound of a dot product, 2 F u, the cosines are recomputed in float64 from elementwise products,
-    # as algorithm1 does: exact duplicates then have cosine exactly 1. Costs a second copy only when any is near 1.
-    near = np.isfinite(cos) & (cos >= 1.0 - 2 * f.shape[1] * torch.finfo(dots.dtype).eps)
-    if near.any():
-        t, lag = np.nonzero(near)
-        cos[near] = _float64_cosines(f, t, t - (lag + 1))
+    exact64 = f.dtype == torch.float64
+    small = band[:, 0] < _TINY[exact64]
+    doubt = ~np.isfinite(band[:, 1:])
+    for j in range(1, window + 1):
+        doubt[:, j - 1] |= small
+        doubt[j:, j - 1] |= small[:-j] if T > j else small[:0]
+    doubt &= np.isfinite(cos)  # nothing to recompute before the start
+    return cos, doubt, f, 2 * f.shape[1] * _dot_eps(f)
+
+
+# A squared norm below this (2^-100 in float32, 2^-900 in float64) may hide underflowed products: the absolute error
+# of a dot product (about F times the smallest subnormal) is then no longer negligible beside F eps |a| |b|.
+_TINY = {False: 2.0**-100, True: 2.0**-900}
+
+
+def _dot_eps(f: Tensor) -> float:
+    """The machine epsilon of the band's matrix products: float64's for float64; float32's, or TF32's (2^-10) /
+    bfloat16's (2^-7) where torch is allowed to use them for float32 matrix products."""
+    if f.dtype == torch.float64:
+        return torch.finfo(torch.float64).eps
+    precision = torch.get_float32_matmul_precision()
+    if f.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and precision == "highest":
+        precision = "high"
+    return {"highest": torch.finfo(torch.float32).eps, "high": 2.0**-10}.get(precision, 2.0**-7)
+
+
+def _recompute(cos: np.ndarray, mask: np.ndarray, f: Tensor) -> np.ndarray:
+    """cos with the pairs in ``mask`` recomputed in float64 as algorithm1 computes them."""
+    if mask.any():
+        t, lag = np.nonzero(mask)
+        cos[mask] = _float64_cosines(f, t, t - (lag + 1))
     return cos
 
 
 def _float64_cosines(f: Tensor, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """cos(f_i, f_j) for index pairs, in float64 from elementwise products (one device-to-host copy)."""
-    a = f.index_select(0, torch.from_numpy(i).to(f.device)).double()
-    b = f.index_select(0, torch.from_numpy(j).to(f.device)).double()
-    den = ((a * a).sum(-1) * (b * b).sum(-1)).sqrt()
-    dot = (a * b).sum(-1)
+    """cos(f_i, f_j) for index pairs, in float64 from elementwise products, as algorithm1 computes it (one
+    device-to-host copy). Each row's squared norm is summed once; the pairs' rows go in chunks of at most 2^22
+    float64 values per operand."""
+    rows, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+    dev = f.device
+    chunk = max(1, 2**22 // max(1, f.shape[1]))
+    rows_t = torch.from_numpy(rows).to(dev)
+    norms = torch.cat([(r * r).sum(-1) for r in (f.index_select(0, rows_t[s : s + chunk]).double()
+                                                 for s in range(0, rows.size, chunk))])
+    inverse_t = torch.from_numpy(inverse).to(dev)
+    den = (norms[inverse_t[: i.size]] * norms[inverse_t[i.size :]]).sqrt()
+    i_t, j_t = torch.from_numpy(i).to(dev), torch.from_numpy(j).to(dev)
+    dot = torch.cat([(f.index_select(0, i_t[s : s + chunk]).double() * f.index_select(0, j_t[s : s + chunk]).double())
+                     .sum(-1) for s in range(0, i.size, chunk)])
     cos = torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0).clamp(-1.0, 1.0)
     return cos.cpu().numpy()
 
@@ -204,7 +256,12 @@ def _groups(x: Tensor, threshold: float, window: int, features: Tensor | None) -
     if x.shape[0] == 0:
         check_features(x, features)
         return np.zeros(0, dtype=np.int64)
-    return groups_from_band(cosine_band(x, window, features), threshold)
+    cos, doubt, f, bound = _band(x, window, features)
+    # Only a cosine within the rounding bound of tau can compare with tau otherwise than algorithm1's: those (few,
+    # on any input) are recomputed in float64 as algorithm1 computes them, so ties and exact duplicates at tau = 1
+    # decide exactly as there.
+    near = doubt | (np.abs(cos - threshold) <= bound)
+    return groups_from_band(_recompute(cos, near, f), threshold)
 
 
 def affinity_pool(x: Tensor, threshold: float, window: int, features: Tensor | None = None) -> Compressed:
