@@ -376,7 +376,7 @@ def test_errors_before_compute(tiny, requests_):
             adapter.generate(requests_, [Point(4, "none")], 2)
         with pytest.raises(ValueError, match="eager"):
             adapter.generate(requests_, [Point(2, "attention_prune", {"ratio": 0.5})], 2)
-        with pytest.raises(ValueError, match=r"long: 90\.0 s of audio gives 2250 audio tokens, beyond .* context of 2048"):
+        with pytest.raises(ValueError, match=r"long: 90\.0 s of audio gives 2250 audio tokens; with the prompt and max_new_tokens=2 .* beyond .* context of 2048"):
             adapter.generate([_request("long", 90.0, 3)], [], 2)
         nowords = _request("nw", 1.0, 4)
         nowords.utt.words = None

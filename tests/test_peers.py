@@ -673,8 +673,8 @@ def test_peer_table_and_fixed_ratio_layers():
         rows.append(_rec(intervention="fixed_ratio", layer=layer, operator="interpolate", ratio=0.6, wer=0.1 + layer / 100))
     t = peer_table(pd.DataFrame(rows), "c1")
     assert list(t["Operator"]) == ["Vanilla", "LTBM", "Samp / SA-MAP (τ-set)"]
-    assert list(t.columns) == ["Layer", "Operator", "K=80% WER", "K=80% Ret.", "K=60% WER", "K=60% Ret.",
-                               "Ret. (mean)"]
+    assert list(t.columns) == ["Layer", "Operator", "K=80% WER", "K=80% WER CI", "K=80% Ret.", "K=80% n",
+                               "K=60% WER", "K=60% WER CI", "K=60% Ret.", "K=60% n", "Ret. (mean)"]
     assert t.iloc[2]["K=60% Ret."] == pytest.approx(60.0)
     assert t.iloc[2]["K=60% WER"] == pytest.approx(40.0) and t.iloc[0]["K=80% WER"] == pytest.approx(10.0)
     f = fixed_ratio_table(pd.DataFrame(rows), "whisper-base")

@@ -372,7 +372,7 @@ def _cell(rec: dict[str, Any], col: str, r: dict[str, Any] | None, key: str = "w
     v = r.get(key) if r else None
     rec[col] = math.nan if v is None or _isnan(v) else scale * float(v)
     rec[f"{col} CI"] = _interval(r.get(f"{key}_lo"), r.get(f"{key}_hi"), scale) if r else "-"
-    if r and not _isnan(rec[col]):
+    if r and not _isnan(rec[col]) and r.get("run_key") is not None:
         rec.setdefault(CELLS, {})[col] = r["run_key"]
 
 
@@ -528,7 +528,7 @@ def oracle_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
         for _, r in g.sort_values("layer").iterrows():
             _cell(rec, f"L{int(r['layer'])} WER", r, "wer")
             _cell(rec, f"L{int(r['layer'])} cWER", r, "cwer")
-            rec[f"L{int(r['layer'])} n"] = r["n_mark"]
+            rec[f"L{int(r['layer'])} n"] = r.get("n_mark")
         out.append(rec)
     t = pd.DataFrame(out)
     return _cells_to_attrs(t.sort_values(["Operator", "Token Ratio"]).reset_index(drop=True) if not t.empty else t)
@@ -552,7 +552,7 @@ def affinity_table(df: pd.DataFrame, context: str, window: int, features: str) -
             _cell(rec, f"{t} WER", r, "wer")
             _cell(rec, f"{t} cWER", r, "cwer")
             rec[f"{t} Ratio"] = 100 * r["retention"]
-            rec[f"{t} n"] = r["n_mark"]
+            rec[f"{t} n"] = r.get("n_mark")
         out.append(rec)
     return _cells_to_attrs(pd.DataFrame(out))
 
@@ -611,7 +611,7 @@ def main_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
                 _cell(rec, col, r, metric.lower(), 100.0 if metric == "WER" else 1.0)
             else:
                 rec[col] = v
-            rec[f"{name} n"] = r["n_mark"] if r else math.nan
+            rec[f"{name} n"] = r.get("n_mark") if r else math.nan
             vals.append(v)
         good = [v for v in vals if not _isnan(v)]
         rec["Avg."] = sum(good) / len(good) if len(good) == len(vals) and good else math.nan
@@ -676,7 +676,7 @@ def fixed_ratio_table(df: pd.DataFrame, model: str) -> pd.DataFrame:
         for n in datasets:
             r = _best(sub[sub["data"] == n]) if not sub.empty else None
             _cell(rec, n, r, "wer")
-            rec[f"{n} n"] = r["n_mark"] if r else math.nan
+            rec[f"{n} n"] = r.get("n_mark") if r else math.nan
             vals.append(rec[n])
         rets = [r for r in sub["retention"]] if not sub.empty else []
         rec["Ret."] = 100 * sum(rets) / len(rets) if rets else math.nan
@@ -734,7 +734,7 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
         for k in ratios:
             _cell(rec, f"K={100 * k:g}% WER", van, "wer")
             rec[f"K={100 * k:g}% Ret."] = 100.0
-            rec[f"K={100 * k:g}% n"] = van["n_mark"]
+            rec[f"K={100 * k:g}% n"] = van.get("n_mark")
         rows.append({**rec, "Ret. (mean)": 100.0})
     by = ["layer", "operator"] + (["features"] if "features" in d.columns and d["features"].nunique() > 1 else [])
     for key, g in d.groupby(by, sort=True):
@@ -748,7 +748,7 @@ def peer_table(df: pd.DataFrame, context: str) -> pd.DataFrame:
             _cell(rec, f"K={100 * k:g}% WER", r, "wer")
             ok = r is not None and not _isnan(rec[f"K={100 * k:g}% WER"])
             rec[f"K={100 * k:g}% Ret."] = 100 * float(r["retention"]) if ok else math.nan
-            rec[f"K={100 * k:g}% n"] = r["n_mark"] if r else math.nan
+            rec[f"K={100 * k:g}% n"] = r.get("n_mark") if r else math.nan
         rec["Ret. (mean)"] = 100 * float(g["retention"].mean())
         rows.append(rec)
     return _cells_to_attrs(pd.DataFrame(rows))
