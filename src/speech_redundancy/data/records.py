@@ -22,6 +22,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+TASKS = ("asr", "st", "qa")
+
+
+def split_task(task: str) -> tuple[str, str | None, str | None]:
+    """The ``task`` field of a record or results row: ``"st_en2zh"`` -> ``("st", "en", "zh")``, plain ``"asr"`` ->
+    ``("asr", None, None)``. Prompts and scoring both read it through this one parser."""
+    base, _, pair = task.partition("_")
+    if base == "st" and pair:
+        src, sep, tgt = pair.partition("2")
+        if not sep or not src or not tgt:
+            raise ValueError(f"unknown task {task!r}; expected st_<src>2<tgt>, e.g. st_en2zh")
+        return base, src, tgt
+    if pair:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS} or st_<src>2<tgt>")
+    return base, None, None
+
+
 @dataclass
 class Word:
     word: str
