@@ -332,6 +332,9 @@ def test_config_refusals_come_before_the_weights_load(clips, tmp_path, monkeypat
         (base(clips, "data.shard_count=0"), "data.shard_count=0"),
         ([*qwen, "intervention=fastadasp_schedule", "schedule_stop=40",
           "model.attn_implementation=eager"], "schedule_stop=40"),
+        (base(clips, "intervention=peer", "operator=cdpruner", "layer=6"), "operator=cdpruner needs a text prompt"),
+        (base(clips, "intervention=peer", "operator=fastadasp", "layer=3", "stage=after_attention"),
+         "stage=after_attention"),
     ]
     for overrides, needle in cases:
         with pytest.raises(runner.RunError, match=needle.replace("[", r"\[")):

@@ -136,6 +136,13 @@ def check_layers_before_load(cfg: DictConfig, points: list[Point]) -> None:
                 where = "the audio encoder's attention at layer 0" if p.layer == 0 else f"attention at layer {p.layer - 1}"
                 raise RunError(f"operator={p.operator} at layer={p.layer} needs {where}, which "
                                f"model.attn_implementation={attn} does not return: set model.attn_implementation=eager")
+    if cfg.model.get("family") == "whisper":
+        from speech_redundancy.models.whisper import point_problem
+
+        for p in points:
+            problem = point_problem(p, cfg.model.name)
+            if problem:
+                raise RunError(problem)
     depth = _static_depth(cfg.model)
     if depth is None:
         return

@@ -34,6 +34,19 @@ FRAMES_PER_SECOND = 50  # Whisper encoder frames per second (conv stem stride 2 
 PADDING_MODES = ("keep", "drop")
 
 
+
+def point_problem(p: Point, name: str) -> str | None:
+    """What Whisper's encoder cannot take from a point, whatever its weights (the runner says it before they load)."""
+    if p.after_attention:
+        return f"stage=after_attention: {name}'s points act at the input of encoder layer l (stage=input) only"
+    if p.needs_scores and p.params.get("scores") == "last_query":
+        return (f"scores=last_query: {name}'s encoder has no prompt token; its scores are the attention each frame "
+                "receives (mean over queries and heads): scores=received")
+    if p.needs_query:
+        return (f"operator={p.operator} needs a text prompt (the query it ranks tokens against); {name} has none: "
+                "use it with a speech LLM (e.g. model=qwen2audio)")
+    return None
+
 class WhisperModel:
     """A Whisper checkpoint with compression points in its encoder (implements ``models.base.SpeechModel``)."""
 
@@ -68,15 +81,9 @@ class WhisperModel:
                 )
             if p.features == "keys" and p.layer == self.n_layers:
                 raise ValueError(f"features=keys needs an attention layer; layer={p.layer} is the encoder output")
-            if p.after_attention:
-                raise ValueError(f"stage=after_attention: {self.name}'s points act at the input of encoder layer l "
-                                 "(stage=input) only")
-            if p.needs_scores and p.params.get("scores") == "last_query":
-                raise ValueError(f"scores=last_query: {self.name}'s encoder has no prompt token; its scores are the "
-                                 "attention each frame receives (mean over queries and heads): scores=received")
-            if p.needs_query:
-                raise ValueError(f"operator={p.operator} needs a text prompt (the query it ranks tokens against); "
-                                 f"{self.name} has none: use it with a speech LLM (e.g. model=qwen2audio)")
+            problem = point_problem(p, self.name)
+            if problem:
+                raise ValueError(problem)
             if p.needs_scores:
                 if p.layer == 0:
                     raise ValueError(f"operator={p.operator} scores frames by attention at encoder layer l-1; "
