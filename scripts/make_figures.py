@@ -369,17 +369,15 @@ def main(argv: list[str] | None = None) -> Report:
     if not df.empty:
         df.drop(columns=["dirs", "utt"], errors="ignore").to_csv(out / "runs.csv", index=False)
         rep.wrote([out / "runs.csv"])
-    oracle(df, out, rep)
-    affinity(df, out, rep)
-    main_results(df, out, rep)
-    fixed_ratio(df, out, rep)
-    peers(df, out, rep)
-    prefill(args.outputs, out, rep)
-    dynamics(args.outputs, out, rep)
-    groups(df, runs, out, rep)
-    trajectories(df, runs, out, rep, args.utterance)
-    beside(df, args.outputs, out, rep)
-    protocols(df, runs, out, rep)
+    sections = [(oracle, (df,)), (affinity, (df,)), (main_results, (df,)), (fixed_ratio, (df,)), (peers, (df,)),
+                (prefill, (args.outputs,)), (dynamics, (args.outputs,)), (groups, (df, runs)),
+                (trajectories, (df, runs), args.utterance), (beside, (df, args.outputs)), (protocols, (df, runs))]
+    for build, inputs, *extra in sections:
+        try:  # results folders come from others: one section's bad data is a named problem, the others still run
+            build(*inputs, out, rep, *extra)
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"{build.__name__}: not drawn, the data under {args.outputs} did not fit it "
+                                f"({type(e).__name__}: {e})")
     text = rep.text()
     (out / "report.txt").write_text(text, encoding="utf-8")
     print(f"{len(runs)} runs found under {args.outputs}")

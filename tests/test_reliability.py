@@ -357,3 +357,17 @@ def test_minor_items(tmp_path, clips, fake):
     fake.batch_size = 1
     runner.run(compose(base(clips, "batch_size=3")), tmp_path / "r")
     assert fake.batch_size == 3 and fake.calls == [["u0", "u1", "u2"]]
+
+
+def test_make_figures_names_a_section_whose_data_does_not_fit_and_draws_the_rest(tmp_path):
+    """A dynamics file of wrong-typed values (a list where a number belongs) was a traceback that stopped every later
+    section; now it is one named problem and the report is still written."""
+    folder = tmp_path / "o" / "x"
+    folder.mkdir(parents=True)
+    (folder / "dynamics.jsonl").write_text(
+        '{"layer": 0, "global_mean": "high", "n_utterances": 2, "model": "m", "data": "d"}\n'
+        '{"layer": 1, "global_mean": [1], "n_utterances": "x"}\n')
+    report = make_figures(["--outputs", str(tmp_path / "o"), "--out", str(tmp_path / "fig")])
+    assert any(p.startswith("dynamics: not drawn") for p in report.problems), report.problems
+    assert (tmp_path / "fig" / "report.txt").is_file()
+    assert any("protocols" in s for s in report.skipped)  # the sections after it still ran
