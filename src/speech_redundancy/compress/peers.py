@@ -373,17 +373,27 @@ def cdpruner_exp(x: Tensor, query: Tensor, ratio: float, relevance: float = 1.0)
     """CDPruner style conditional DPP: keep T' = n_kept(ratio, T) tokens chosen by greedy MAP under
     L = diag(q) S diag(q), S the tokens' cosines, q = exp(relevance * r_hat), r_t the mean cosine of token t with
     the text prompt's tokens ``query`` [Q, d] (min-max normalised to r_hat). The others are dropped."""
+    got = _prompt_cosines(x, query, ratio, "cdpruner_exp")
+    if got is None:
+        return empty(x)
+    ratio, u, cos = got
+    T = x.shape[0]
+    r = cos.double().cpu().numpy()
+    keep = np.sort(dpp_greedy(u, _relevance_quality(r, relevance), n_kept(ratio, T)))
+    return pool_groups(x, _keep(T, keep))
+
+
+def _prompt_cosines(x: Tensor, query: Tensor, ratio: float, name: str) -> tuple[float, Tensor, Tensor] | None:
+    """The first steps of the text-conditioned DPPs (cdpruner, cdpruner_exp): the inputs checked, then the checked
+    ratio, ``x``'s unit rows and each row's mean cosine with the prompt's tokens; None for an empty ``x``."""
     check_x(x)
     check_finite(x)
     ratio = check_ratio(ratio)
-    q_rows = _query(query, x, "cdpruner_exp")
-    T = x.shape[0]
-    if T == 0:
-        return empty(x)
+    q_rows = _query(query, x, name)
+    if x.shape[0] == 0:
+        return None
     u = _unit(x)
-    r = (u @ _unit(q_rows).T).mean(dim=1).double().cpu().numpy()
-    keep = np.sort(dpp_greedy(u, _relevance_quality(r, relevance), n_kept(ratio, T)))
-    return pool_groups(x, _keep(T, keep))
+    return ratio, u, (u @ _unit(q_rows).T).mean(dim=1)
 
 
 def _query(query, x: Tensor, name: str) -> Tensor:
@@ -513,15 +523,12 @@ def cdpruner(x: Tensor, query: Tensor, ratio: float) -> Compressed:
     (r - min + 1e-6) / (max - min) (all equal: 1). The released code measures the relevance on CLIP's image and
     text embeddings and the similarity on the projector output; here both are on the hidden states at the point.
     The commented-out variants in the released code (exp(alpha r), the positive sign) are :func:`cdpruner_exp`."""
-    check_x(x)
-    check_finite(x)
-    ratio = check_ratio(ratio)
-    q_rows = _query(query, x, "cdpruner")
-    T = x.shape[0]
-    if T == 0:
+    got = _prompt_cosines(x, query, ratio, "cdpruner")
+    if got is None:
         return empty(x)
-    u = _unit(x)
-    r = -(u @ _unit(q_rows).T).mean(dim=1)
+    ratio, u, cos = got
+    T = x.shape[0]
+    r = -cos
     span = r.max() - r.min()
     r = (r - r.min() + 1e-6) / span if float(span) > 0 else torch.ones_like(r)
     keep = np.sort(dpp_greedy(u, r, n_kept(ratio, T)))
